@@ -1,0 +1,44 @@
+"""Shared fixtures: the real data in ../shared/data, skipped cleanly where absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("WSI_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(
+            f"real data not found at {path}: these tests read ../shared/data "
+            "(set WSI_SHARED_DATA to its location to run them)"
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Root of the real annotated data (../shared/data)."""
+    return _require(SHARED_DATA)
+
+
+@pytest.fixture(scope="session")
+def aperio_svs() -> Path:
+    """The real Aperio slide CMU-1-Small-Region (CC0)."""
+    return _require(SHARED_DATA / "cmu_small_region.svs")
+
+
+@pytest.fixture(scope="session")
+def consep_train() -> Path:
+    """CoNSeP train crops: images/NAME.jpg + labels/NAME.npz (inst_map, type_map)."""
+    return _require(SHARED_DATA / "consep" / "train")
+
+
+@pytest.fixture(scope="session")
+def monuseg_train() -> Path:
+    """MoNuSeg train tiles: images/*.tif, annotations/*.xml, labels/*.npz."""
+    return _require(SHARED_DATA / "monuseg" / "train")
