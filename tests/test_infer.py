@@ -1,0 +1,239 @@
+"""Tile inference: patch-grid geometry, fast-path tolerances, and clear errors for bad input.
+
+The geometry tests use a *probe* network: a tiny module with HoVer-Net's contract whose
+outputs are known per-pixel functions of its input (including a pixel taken from the
+context margin), so the stitched maps can be predicted exactly from the image alone. The
+numerical tests use a real, narrow HoVer-Net on a real MoNuSeg crop.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from wsi_pipeline.engine.infer import (
+    TOLERANCE_BF16,
+    TOLERANCE_FP32,
+    InferenceConfig,
+    Maps,
+    TileInferer,
+    bf16_supported,
+    compare_maps,
+)
+from wsi_pipeline.errors import ConfigError, ModelError
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    """The machine is shared: keep torch to one thread in these tests."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class ProbeNet(nn.Module):
+    """HoVer-Net's input/output contract with outputs we can predict pixel by pixel.
+
+    np logit = (R - 128) / 16 on the output pixel; hv[0] = G of the pixel ``context``
+    columns to the LEFT (so border outputs read mirrored context), hv[1] = B / 255;
+    tp logits = RGB / 32. It records each batch size it sees.
+    """
+
+    def __init__(self, input_size: int = 256, output_size: int = 164, num_types: int | None = 3) -> None:
+        super().__init__()
+        self.input_size, self.output_size, self.num_types = input_size, output_size, num_types
+        self.seen: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.seen.append(x.shape[0])
+        c, o = (self.input_size - self.output_size) // 2, self.output_size
+        centre = x[:, :, c : c + o, c : c + o]
+        left = x[:, :, c : c + o, 0:o]
+        out = {
+            "np": torch.stack([torch.zeros_like(centre[:, 0]), (centre[:, 0] - 128) / 16], 1),
+            "hv": torch.stack([left[:, 1] / 255, centre[:, 2] / 255], 1),
+        }
+        if self.num_types is not None:
+            out["tp"] = centre / 32
+        return out
+
+
+def probe_expected(image: np.ndarray, context: int) -> Maps:
+    """What ProbeNet must produce over the whole image, computed without any patches."""
+    f = image.astype(np.float64)
+    mirrored = np.pad(image, ((context, context), (context, context), (0, 0)), mode="reflect")
+    height, width = image.shape[:2]
+    left_g = mirrored[context : context + height, 0:width, 1].astype(np.float64)
+    logits = f / 32
+    tp = np.exp(logits - logits.max(axis=2, keepdims=True))
+    tp /= tp.sum(axis=2, keepdims=True)
+    return Maps(
+        np_prob=(1 / (1 + np.exp(-(f[..., 0] - 128) / 16))).astype(np.float32),
+        hv=np.stack([left_g / 255, f[..., 2] / 255]).astype(np.float32),
+        tp_prob=tp.transpose(2, 0, 1).astype(np.float32),
+    )
+
+
+@pytest.mark.parametrize(
+    ("shape", "sizes", "batch"),
+    [((200, 350), (256, 164), 4), ((164, 164), (256, 164), 1), ((97, 300), (270, 80), 3), ((47, 47), (256, 164), 2)],
+)
+def test_patch_grid_reproduces_a_per_pixel_function_exactly(shape, sizes, batch):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    probe = ProbeNet(*sizes)
+    inferer = TileInferer(probe, InferenceConfig(batch_size=batch, channels_last=False))
+    maps = inferer.infer(image)
+    expected = probe_expected(image, inferer.context)
+
+    assert maps.np_prob.shape == shape and maps.np_prob.dtype == np.float32
+    assert maps.hv.shape == (2, *shape) and maps.tp_prob.shape == (3, *shape)
+    np.testing.assert_allclose(maps.np_prob, expected.np_prob, atol=1e-6)
+    np.testing.assert_allclose(maps.hv, expected.hv, atol=1e-6)
+    np.testing.assert_allclose(maps.tp_prob, expected.tp_prob, atol=1e-6)
+    # Streaming: never more than one batch in flight, every patch exactly once.
+    n_patches = -(-shape[0] // sizes[1]) * -(-shape[1] // sizes[1])
+    assert max(probe.seen) <= batch and sum(probe.seen) == n_patches
+
+
+def test_model_without_type_branch_gives_no_tp_map():
+    image = np.random.default_rng(1).integers(0, 256, (120, 130, 3), dtype=np.uint8)
+    maps = TileInferer(ProbeNet(num_types=None)).infer(image)
+    assert maps.tp_prob is None and maps.hv.shape == (2, 120, 130)
+
+
+@pytest.mark.parametrize(
+    ("image", "message"),
+    [
+        (np.full((300, 300, 3), 0.5, np.float32), "scaled to 0-1"),
+        (np.full((300, 300, 3), 200.0), "0-255 RGB as uint8"),
+        (np.zeros((300, 300), np.uint8), "grayscale"),
+        (np.zeros((300, 300, 1), np.uint8), "grayscale"),
+        (np.zeros((300, 300, 3), np.uint16), "uint16"),
+        (np.zeros((300, 300, 4), np.uint8), "alpha"),
+        (np.zeros((3, 300, 300), np.uint8), "channels-first"),
+        (np.zeros((2, 300, 300, 3), np.uint8), "one tile at a time"),
+        (np.zeros((300, 20, 3), np.uint8), "too small"),
+        (np.zeros((0, 0, 3), np.uint8), "too small"),
+        (torch.zeros(300, 300, 3, dtype=torch.uint8), "numpy array"),
+        ([[0, 0, 0]], "numpy array"),
+    ],
+)
+def test_bad_images_raise_model_error_with_a_fix(image, message):
+    inferer = TileInferer(ProbeNet())
+    with pytest.raises(ModelError, match=message) as info:
+        inferer.infer(image)
+    assert "Fix:" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"batch_size": 0}, "batch_size"),
+        ({"threads": 0}, "threads"),
+        ({"bf16": "yes"}, "bf16"),
+        ({"device": "tpu"}, "device"),
+        ({"device": "mps"}, "not supported"),
+        ({"compile": "no"}, "compile"),
+    ],
+)
+def test_bad_config_raises_config_error(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        InferenceConfig(**kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_gpu_is_a_config_error():
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        TileInferer(ProbeNet(), InferenceConfig(device="cuda"))
+
+
+def test_non_hovernet_model_is_a_model_error():
+    with pytest.raises(ModelError, match="input_size"):
+        TileInferer(nn.Conv2d(3, 2, 3))
+
+
+def test_bf16_auto_follows_hardware_support():
+    inferer = TileInferer(ProbeNet(), InferenceConfig(bf16="auto"))
+    assert inferer.uses_bf16 == bf16_supported("cpu")
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if " avx512_bf16" in flags or " amx_bf16" in flags:
+        assert bf16_supported("cpu")
+
+
+# --- a real narrow HoVer-Net on a real image -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_model_factory():
+    """Seeded width x 0.125 fast HoVer-Net with 5 types (same module tree, ~64x fewer MACs)."""
+    from wsi_pipeline.engine.model import ChannelSpec, HoVerNet
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        return HoVerNet(mode="fast", num_types=5, spec=ChannelSpec.scaled(0.125, "fast"))
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def he_crop(monuseg_train: Path) -> np.ndarray:
+    """A real 40x H&E crop, 300x200 px: a 2x2 patch grid with partial last patches."""
+    path = sorted((monuseg_train / "images").glob("*.tif"))[0]
+    image = np.asarray(Image.open(path).convert("RGB"))
+    return np.ascontiguousarray(image[350:650, 400:600])
+
+
+@pytest.fixture(scope="module")
+def reference(small_model_factory, he_crop) -> Maps:
+    """fp32 eager, contiguous NCHW: the reference every fast path is measured against."""
+    return TileInferer(small_model_factory(), InferenceConfig(channels_last=False, batch_size=4)).infer(he_crop)
+
+
+def test_real_model_maps_are_well_formed(reference, he_crop):
+    h, w = he_crop.shape[:2]
+    assert reference.np_prob.shape == (h, w) and reference.hv.shape == (2, h, w)
+    assert reference.tp_prob.shape == (5, h, w)
+    assert np.isfinite(reference.hv).all()
+    assert reference.np_prob.min() >= 0 and reference.np_prob.max() <= 1
+    np.testing.assert_allclose(reference.tp_prob.sum(axis=0), 1, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_batch_size_does_not_change_results(small_model_factory, he_crop, reference, batch):
+    maps = TileInferer(small_model_factory(), InferenceConfig(channels_last=False, batch_size=batch)).infer(he_crop)
+    assert not TOLERANCE_FP32.violations(compare_maps(reference, maps))
+
+
+def test_channels_last_matches_fp32_eager(small_model_factory, he_crop, reference):
+    maps = TileInferer(small_model_factory(), InferenceConfig(channels_last=True)).infer(he_crop)
+    diff = compare_maps(reference, maps)
+    assert not TOLERANCE_FP32.violations(diff), diff
+
+
+def test_bf16_matches_fp32_eager_within_documented_tolerance(small_model_factory, he_crop, reference):
+    inferer = TileInferer(small_model_factory(), InferenceConfig(bf16=True))
+    assert inferer.uses_bf16
+    maps = inferer.infer(he_crop)
+    diff = compare_maps(reference, maps)
+    assert not TOLERANCE_BF16.violations(diff), diff
+    # bf16 really ran: fp32 rounding alone would be far below this.
+    assert diff["np_prob_max_abs"] > 1e-5 or diff["hv_max_abs"] > 1e-5, diff
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bf16", [False, True])
+def test_compile_matches_fp32_eager(small_model_factory, he_crop, reference, bf16):
+    t0 = time.perf_counter()
+    # batch 3 over 4 patches: the padded short final batch must not leak into the maps.
+    maps = TileInferer(small_model_factory(), InferenceConfig(compile=True, batch_size=3, bf16=bf16)).infer(he_crop)
+    diff = compare_maps(reference, maps)
+    tolerance = TOLERANCE_BF16 if bf16 else TOLERANCE_FP32
+    assert not tolerance.violations(diff), (diff, time.perf_counter() - t0)

@@ -1,0 +1,74 @@
+"""Finding slides in folders: extensions, MIRAX data folders, hidden files, order, names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from wsi_pipeline.errors import SlideError
+from wsi_pipeline.slide import find_slides, output_names, slide_stem
+
+
+def _touch(root: Path, *names: str) -> None:
+    for name in names:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+
+
+def test_folder_scan(tmp_path: Path) -> None:
+    _touch(
+        tmp_path,
+        "b.svs",
+        "a.ndpi",
+        "sub/c.tiff",
+        "sub/d.ome.tif",
+        "case.mrxs",
+        "case/Slidedat.ini",
+        "case/Data0001.dat",
+        "case/embedded.tif",  # inside a MIRAX data folder: not a slide of its own
+        "other/Slidedat.ini",
+        "other/x.tif",
+        "._b.svs",  # macOS resource fork
+        ".hidden/e.svs",
+        "notes.txt",
+        "thumb.png",
+    )
+    found = find_slides([tmp_path])
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == [
+        "a.ndpi",
+        "b.svs",
+        "case.mrxs",
+        "sub/c.tiff",
+        "sub/d.ome.tif",
+    ]
+    with_images = find_slides([tmp_path], include_images=True)
+    assert tmp_path / "thumb.png" in with_images
+
+
+def test_inputs_keep_their_order_and_are_deduplicated(tmp_path: Path) -> None:
+    _touch(tmp_path, "z.svs", "d/a.svs", "d/b.svs")
+    found = find_slides([tmp_path / "z.svs", tmp_path / "d", tmp_path / "d" / "a.svs"])
+    assert [p.name for p in found] == ["z.svs", "a.svs", "b.svs"]
+
+
+def test_explicit_plain_image_is_accepted(tmp_path: Path) -> None:
+    _touch(tmp_path, "crop.jpg")
+    assert find_slides([tmp_path / "crop.jpg"]) == [tmp_path / "crop.jpg"]
+
+
+def test_errors(tmp_path: Path) -> None:
+    _touch(tmp_path, "empty/readme.txt", "slide.czi")
+    with pytest.raises(SlideError, match="contains no slide files"):
+        find_slides([tmp_path / "empty"])
+    with pytest.raises(SlideError, match="does not exist"):
+        find_slides([tmp_path / "missing"])
+    with pytest.raises(SlideError, match="unsupported extension"):
+        find_slides([tmp_path / "slide.czi"])
+
+
+def test_output_names_are_unique() -> None:
+    names = output_names([Path("a/x.svs"), Path("b/x.svs"), Path("c/X.tif"), Path("y.ome.tiff")])
+    assert list(names.values()) == ["x", "x-2", "X-3", "y"]
+    assert slide_stem("dir/s.ome.tif") == "s" and slide_stem("s.svs") == "s"

@@ -1,0 +1,139 @@
+"""`wsi-pipeline train DATASET... --out MODEL`: train a HoVer-Net on labelled data."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from wsi_pipeline.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a HoVer-Net on labelled datasets (folder, CoNSeP .mat, PanNuke, MoNuSeg XML)",
+        description="Train HoVer-Net from scratch (or from --init) with a held-out dev split of whole source tiles.",
+    )
+    p.add_argument("datasets", nargs="+", type=Path, metavar="DATASET")
+    p.add_argument("--out", required=True, type=Path, help="model file to write (.safetensors); best dev checkpoint")
+    p.add_argument("--config", type=Path, help="YAML file with training options (see TrainConfig)")
+    p.add_argument("--dev-split", type=Path, default=None, help="YAML listing held-out source tiles")
+    p.add_argument("--init", help="start from this model (name or path) instead of random weights")
+    p.add_argument("--name", help="model name recorded in its metadata (default: the --out stem)")
+    p.add_argument("--description", default="", help="one-line description for `wsi-pipeline models`")
+    p.add_argument("--workdir", type=Path, help="where resumable checkpoints go (default: OUT.train/)")
+    p.add_argument("--resume", action="store_true", help="continue from WORKDIR/last.pt")
+    p.add_argument("--max-minutes", type=float, help="wall-clock training budget (drives the LR schedule)")
+    p.add_argument("--epochs", type=int, help="maximum epochs")
+    p.add_argument("--width", type=float, help="channel multiplier of the full-width HoVer-Net (e.g. 0.25)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--bn-l1", type=float, help="L1 penalty on BN scales (Network Slimming)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def _load_config(args: argparse.Namespace) -> Any:
+    from wsi_pipeline.train import TrainConfig
+
+    raw: dict[str, Any] = {}
+    if args.config:
+        if not args.config.is_file():
+            raise ConfigError(args.config, "config file not found", "pass an existing YAML file to --config")
+        try:
+            raw = yaml.safe_load(args.config.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(args.config, f"not valid YAML ({exc})", "fix the YAML syntax") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(args.config, "expected a mapping of option: value", "see TrainConfig in train.py")
+    overrides = {
+        "max_minutes": args.max_minutes,
+        "epochs": args.epochs,
+        "width": args.width,
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+        "bn_l1": args.bn_l1,
+        "seed": args.seed,
+    }
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return TrainConfig(**raw)
+    except ValidationError as exc:
+        raise ConfigError(args.config, f"invalid training options: {exc}", "correct the listed options") from exc
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from wsi_pipeline.data import load_dataset, load_dev_split, split_dev
+    from wsi_pipeline.engine.macs import count_macs, count_params
+    from wsi_pipeline.engine.model import ChannelSpec, HoVerNet
+    from wsi_pipeline.engine.weights import load_model, save_model
+    from wsi_pipeline.train import fit, hardware_summary
+
+    cfg = _load_config(args)
+    datasets = [load_dataset(path) for path in args.datasets]
+    typed = [d for d in datasets if d.has_types]
+    classes = typed[0].classes if typed else []
+    for d in typed[1:]:
+        if d.classes != classes:
+            raise ConfigError(d.root, "class list differs from the first typed dataset",
+                              "train on datasets that share one class convention")
+    samples = [s for d in datasets for s in d.samples]
+    dev_sources = load_dev_split(args.dev_split) if args.dev_split else load_dev_split()
+    train_samples, dev_samples = split_dev(samples, dev_sources)
+    log.info("%d training and %d dev images (%d dev sources)", len(train_samples), len(dev_samples), len(dev_sources))
+
+    num_types = typed[0].num_types if typed else None
+    if args.init:
+        model = load_model(args.init)
+        model.train()
+    else:
+        model = HoVerNet(mode=cfg.mode, num_types=num_types, spec=ChannelSpec.scaled(cfg.width, cfg.mode))
+    name = args.name or args.out.name.split(".")[0]
+    workdir = args.workdir or args.out.with_name(args.out.name + ".train")
+    params = count_params(model)
+    macs = count_macs(model)
+    log.info("model %s: %.2f M parameters, %.2f GMAC per patch", name, params / 1e6, macs / 1e9)
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+
+    def on_best(m: torch.nn.Module, dev: dict[str, Any]) -> None:
+        meta = {
+            "name": name,
+            "description": args.description,
+            "classes": classes,
+            "mpp": datasets[0].mpp,
+            "params": params,
+            "macs": macs,
+            "training": {
+                "datasets": [str(p) for p in args.datasets],
+                "train_images": len(train_samples),
+                "dev_images": len(dev_samples),
+                "dev_sources": sorted(dev_sources),
+                "config": json.loads(cfg.model_dump_json()),
+                "started": started,
+                "hardware": hardware_summary(),
+                "init": args.init,
+            },
+            "metrics": {"dev": dev},
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        save_model(m, args.out, meta)
+        log.info("saved best model (dev %s=%.4f) to %s", cfg.select_metric, dev.get(cfg.select_metric, 0.0), args.out)
+
+    result = fit(model, train_samples, dev_samples, cfg, workdir, on_best=on_best, resume=args.resume,
+                 progress=not args.no_progress)
+    print(json.dumps({"out": str(args.out), "best_" + cfg.select_metric: result.best_metric,
+                      "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+                      "minutes": round(result.minutes, 1)}, indent=1))
+    return 0
