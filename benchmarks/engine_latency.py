@@ -6,13 +6,16 @@ patches in, probabilities out: the engine's real per-batch work) and reports sec
 patch, patches/s and achieved GFLOP/s. The same run measures the machine's matmul GFLOP/s
 (``torch.mm`` fp32 and bf16), before and after the model timings, because a shared machine's
 speed drifts: achieved / matmul GFLOP/s is the figure that stays comparable across machines.
-Each configuration's outputs are also compared with fp32 eager on the same patches.
+Each configuration's outputs are also compared with fp32 eager on the same patches; the
+bf16 figures only mean something for trained weights (``--checkpoint``) on real H&E
+(``--image``): randomly initialised weights amplify rounding until bf16 scrambles them.
 
 Full-width fast HoVer-Net costs ~300 GFLOP per 256² patch: on a 2-core CPU that is seconds
 per patch, so keep ``--iters`` small (``--quick`` = 1 timed iteration, batches 1 and 4).
 
     python benchmarks/engine_latency.py --quick
     python benchmarks/engine_latency.py --width 1.0 0.25 --iters 3 --out results.json
+    python benchmarks/engine_latency.py --checkpoint model.safetensors --image tile.png
 """
 
 from __future__ import annotations
@@ -27,11 +30,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 from wsi_pipeline.engine.infer import InferenceConfig, TileInferer, bf16_supported
 from wsi_pipeline.engine.macs import count_macs, count_params
 from wsi_pipeline.engine.model import ChannelSpec, HoVerNet
+from wsi_pipeline.engine.weights import load_model
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "engine_latency.json"
 
@@ -90,6 +96,22 @@ def build_model(mode: str, width: float, num_types: int) -> torch.nn.Module:
     return HoVerNet(mode=mode, num_types=num_types, spec=spec)
 
 
+def input_patches(image: Path | None, batch: int, size: int, gen: torch.Generator) -> torch.Tensor:
+    """``batch`` uint8 (size, size, 3) patches: random pixels, or random crops of a real RGB image.
+
+    Latency does not depend on the pixels; the comparison with fp32 eager does, so pass a
+    real H&E ``--image`` (and a trained ``--checkpoint``) for meaningful differences.
+    """
+    if image is None:
+        return torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=gen)
+    pixels = np.asarray(Image.open(image).convert("RGB"))
+    if min(pixels.shape[:2]) < size:
+        raise SystemExit(f"{image}: {pixels.shape[1]}x{pixels.shape[0]} px is smaller than a {size}² patch")
+    ys = torch.randint(0, pixels.shape[0] - size + 1, (batch,), generator=gen).tolist()
+    xs = torch.randint(0, pixels.shape[1] - size + 1, (batch,), generator=gen).tolist()
+    return torch.from_numpy(np.stack([pixels[y : y + size, x : x + size] for y, x in zip(ys, xs, strict=True)]))
+
+
 def time_config(
     inferer: TileInferer, patches: torch.Tensor, warmup: int, iters: int
 ) -> tuple[float, list[float], dict[str, torch.Tensor]]:
@@ -141,19 +163,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "batch_sizes": args.batch_sizes,
             "configs": args.configs,
             "num_types": args.num_types,
+            "image": str(args.image) if args.image else None,
         },
         "matmul_gflops_before": machine_peaks(device),
         "models": [],
     }
     print(f"matmul GFLOP/s (2048², before): {result['matmul_gflops_before']}", flush=True)
     gen = torch.Generator().manual_seed(0)
-    for width in args.width:
-        model = build_model(args.mode, width, args.num_types)
+    models = [(f"checkpoint {args.checkpoint}", None)] if args.checkpoint else [(None, w) for w in args.width]
+    for label, width in models:
+        model = load_model(args.checkpoint) if args.checkpoint else build_model(args.mode, width, args.num_types)
         size = model.input_size
         macs = count_macs(model)
         gflop = 2 * macs / 1e9
         entry: dict[str, Any] = {
             "width": width,
+            "checkpoint": str(args.checkpoint) if args.checkpoint else None,
             "params": count_params(model),
             "gmac_per_patch": round(macs / 1e9, 3),
             "gflop_per_patch": round(gflop, 3),
@@ -162,18 +187,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "runs": [],
         }
         print(
-            f"\nwidth {width}: {entry['params'] / 1e6:.2f} M params, {gflop:.1f} GFLOP per {size}² patch",
+            f"\n{label or f'width {width}'}: {entry['params'] / 1e6:.2f} M params, {gflop:.1f} GFLOP per {size}² patch",
             flush=True,
         )
         print(f"{'config':>14} {'batch':>5} {'s/patch':>9} {'patch/s':>8} {'GFLOP/s':>8} {'first s':>8} {'dNP':>8}")
         # The same patches for every config, so outputs can be compared with fp32 eager.
-        batches = {
-            b: torch.randint(0, 256, (b, size, size, 3), dtype=torch.uint8, generator=gen) for b in args.batch_sizes
-        }
+        batches = {b: input_patches(args.image, b, size, gen) for b in args.batch_sizes}
         reference: dict[int, dict[str, torch.Tensor]] = {}
         for name in args.configs:
             for batch in args.batch_sizes:
                 config = InferenceConfig(device=args.device, batch_size=batch, **CONFIGS[name])
+                if config.compile:
+                    # Fresh compile caches: many (width, batch) graphs would hit dynamo's
+                    # recompile limit and silently fall back to eager.
+                    torch.compiler.reset()
                 inferer = TileInferer(model, config)
                 first, times, out = time_config(inferer, batches[batch], args.warmup, args.iters)
                 if name == "fp32_eager":
@@ -219,6 +246,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="1 timed iteration, batch sizes 1 and 4")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--checkpoint", type=Path, help="benchmark trained weights instead of --width models")
+    parser.add_argument("--image", type=Path, help="cut the input patches from this RGB image (default: random)")
     parser.add_argument("--num-types", type=int, default=5, help="TP classes incl. background (CoNSeP: 5)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
     args = parser.parse_args(argv)

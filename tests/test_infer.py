@@ -172,29 +172,62 @@ def test_bf16_auto_follows_hardware_support():
 
 
 @pytest.fixture(scope="module")
-def small_model_factory():
-    """Seeded width x 0.125 fast HoVer-Net with 5 types (same module tree, ~64x fewer MACs)."""
+def he_tile(monuseg_train: Path) -> np.ndarray:
+    """A real 40x H&E tile (MoNuSeg, 1000x1000 RGB)."""
+    path = sorted((monuseg_train / "images").glob("*.tif"))[0]
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def he_crop(he_tile: np.ndarray) -> np.ndarray:
+    """300x200 px of it: a 2x2 patch grid with partial last patches."""
+    return np.ascontiguousarray(he_tile[350:650, 400:600])
+
+
+@pytest.fixture(scope="module")
+def model_factory(he_tile: np.ndarray):
+    """Fresh copies of a seeded, well-conditioned width x 0.125 fast HoVer-Net with 5 types.
+
+    A randomly initialised BN network is chaotic: it amplifies rounding ~1000x from input
+    to output, so bf16 changes its outputs completely while a trained network's barely
+    move. To measure the *engine* rather than that artefact, the residual branches start
+    at zero (the "zero-init residual" scheme of Goyal et al. 2017) and BatchNorm statistics
+    are calibrated on real H&E patches, which gives outputs of a trained model's scale
+    and sensitivity (see the measured figures in wsi_pipeline/engine/infer.py).
+    """
     from wsi_pipeline.engine.model import ChannelSpec, HoVerNet
 
-    def make() -> nn.Module:
+    def build() -> nn.Module:
         torch.manual_seed(0)
         return HoVerNet(mode="fast", num_types=5, spec=ChannelSpec.scaled(0.125, "fast"))
+
+    model = build()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".conv3.weight") or (".dense." in name and name.endswith(".conv2.weight")):
+                param.zero_()
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.reset_running_stats()
+                module.momentum = None  # cumulative average: one batch sets the statistics
+        corners = [(0, 0), (0, 744), (744, 0), (744, 744)]  # away from he_crop
+        patches = np.stack([he_tile[y : y + 256, x : x + 256] for y, x in corners])
+        model.train()
+        model(torch.from_numpy(patches).permute(0, 3, 1, 2).float())
+    state = model.state_dict()
+
+    def make() -> nn.Module:
+        fresh = build()
+        fresh.load_state_dict(state)
+        return fresh.eval()
 
     return make
 
 
 @pytest.fixture(scope="module")
-def he_crop(monuseg_train: Path) -> np.ndarray:
-    """A real 40x H&E crop, 300x200 px: a 2x2 patch grid with partial last patches."""
-    path = sorted((monuseg_train / "images").glob("*.tif"))[0]
-    image = np.asarray(Image.open(path).convert("RGB"))
-    return np.ascontiguousarray(image[350:650, 400:600])
-
-
-@pytest.fixture(scope="module")
-def reference(small_model_factory, he_crop) -> Maps:
+def reference(model_factory, he_crop) -> Maps:
     """fp32 eager, contiguous NCHW: the reference every fast path is measured against."""
-    return TileInferer(small_model_factory(), InferenceConfig(channels_last=False, batch_size=4)).infer(he_crop)
+    return TileInferer(model_factory(), InferenceConfig(channels_last=False, batch_size=4)).infer(he_crop)
 
 
 def test_real_model_maps_are_well_formed(reference, he_crop):
@@ -207,33 +240,35 @@ def test_real_model_maps_are_well_formed(reference, he_crop):
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-def test_batch_size_does_not_change_results(small_model_factory, he_crop, reference, batch):
-    maps = TileInferer(small_model_factory(), InferenceConfig(channels_last=False, batch_size=batch)).infer(he_crop)
+def test_batch_size_does_not_change_results(model_factory, he_crop, reference, batch):
+    maps = TileInferer(model_factory(), InferenceConfig(channels_last=False, batch_size=batch)).infer(he_crop)
     assert not TOLERANCE_FP32.violations(compare_maps(reference, maps))
 
 
-def test_channels_last_matches_fp32_eager(small_model_factory, he_crop, reference):
-    maps = TileInferer(small_model_factory(), InferenceConfig(channels_last=True)).infer(he_crop)
+def test_channels_last_matches_fp32_eager(model_factory, he_crop, reference):
+    maps = TileInferer(model_factory(), InferenceConfig(channels_last=True)).infer(he_crop)
     diff = compare_maps(reference, maps)
     assert not TOLERANCE_FP32.violations(diff), diff
+    print("channels_last vs fp32 eager:", {k: round(v, 7) for k, v in diff.items()})
 
 
-def test_bf16_matches_fp32_eager_within_documented_tolerance(small_model_factory, he_crop, reference):
-    inferer = TileInferer(small_model_factory(), InferenceConfig(bf16=True))
+def test_bf16_matches_fp32_eager_within_documented_tolerance(model_factory, he_crop, reference):
+    inferer = TileInferer(model_factory(), InferenceConfig(bf16=True))
     assert inferer.uses_bf16
     maps = inferer.infer(he_crop)
     diff = compare_maps(reference, maps)
     assert not TOLERANCE_BF16.violations(diff), diff
-    # bf16 really ran: fp32 rounding alone would be far below this.
-    assert diff["np_prob_max_abs"] > 1e-5 or diff["hv_max_abs"] > 1e-5, diff
+    # bf16 really ran: fp32 rounding alone stays far below this.
+    assert diff["hv_max_abs"] > 1e-2, diff
+    print("bf16 vs fp32 eager:", {k: round(v, 5) for k, v in diff.items()})
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("bf16", [False, True])
-def test_compile_matches_fp32_eager(small_model_factory, he_crop, reference, bf16):
+def test_compile_matches_fp32_eager(model_factory, he_crop, reference, bf16):
     t0 = time.perf_counter()
     # batch 3 over 4 patches: the padded short final batch must not leak into the maps.
-    maps = TileInferer(small_model_factory(), InferenceConfig(compile=True, batch_size=3, bf16=bf16)).infer(he_crop)
+    maps = TileInferer(model_factory(), InferenceConfig(compile=True, batch_size=3, bf16=bf16)).infer(he_crop)
     diff = compare_maps(reference, maps)
     tolerance = TOLERANCE_BF16 if bf16 else TOLERANCE_FP32
     assert not tolerance.violations(diff), (diff, time.perf_counter() - t0)

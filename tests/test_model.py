@@ -17,7 +17,7 @@ from wsi_pipeline.engine.macs import count_macs, count_params
 from wsi_pipeline.engine.model import ChannelSpec, HoVerNet, TFSamePad
 from wsi_pipeline.errors import ModelError
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 OFFICIAL = json.loads((Path(__file__).parent / "fixtures" / "hovernet_official_keys.json").read_text())
 OFFICIAL_PARAMS = {"fast": 37_639_626, "original": 54_744_522}
@@ -196,6 +196,14 @@ def test_every_conv_width_is_settable_on_its_own() -> None:
     assert _meta_forward(model.to("meta"), 96)["tp"] == (1, 4, 4, 4)  # every conv's input width fits
 
 
+def test_rebuilt_model_owns_its_weights(narrow_fast: HoVerNet) -> None:
+    rebuilt = HoVerNet.from_state_dict(narrow_fast.state_dict())
+    assert all(p.requires_grad for p in rebuilt.parameters())
+    with torch.no_grad():
+        rebuilt.conv_bot.weight.add_(1.0)  # fine-tuning a child must not touch its parent
+    assert not torch.equal(rebuilt.conv_bot.weight, narrow_fast.conv_bot.weight)
+
+
 def test_coupled_widths_must_stay_equal() -> None:
     spec = ChannelSpec.scaled(0.25)
     with pytest.raises(ModelError, match="d1.shortcut"):
@@ -232,7 +240,6 @@ def test_bad_specs_are_model_errors() -> None:
         ChannelSpec.from_dict({"widths": {}})
 
 
-@pytest.mark.slow  # Torch-Pruning's dependency graph of ~500 modules takes a few seconds
 def test_torch_pruning_result_is_rebuilt_from_its_weights() -> None:
     tp = pytest.importorskip("torch_pruning")
     model = _narrow("fast", num_types=5)

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from wsi_pipeline.data import Sample
 from wsi_pipeline.data.torch_dataset import BalancedSampler, HoverTrainDataset
-from wsi_pipeline.engine.infer import InferenceConfig
+from wsi_pipeline.engine.infer import InferenceConfig, bf16_supported
 from wsi_pipeline.engine.postproc import PostprocConfig
 from wsi_pipeline.errors import ConfigError
 from wsi_pipeline.evaluate import evaluate_samples
@@ -69,6 +69,9 @@ class TrainConfig(BaseModel):
     eval_every: int = Field(1, ge=1)
     select_metric: str = "pq"
     grad_clip: float | None = Field(5.0, gt=0)
+    bf16: bool | Literal["auto"] = Field(
+        "auto", description="bf16 autocast (~2x faster on CPUs with AVX-512 BF16 or AMX); weights stay fp32"
+    )
     tp_class_weights: bool = Field(True, description="weight TP cross-entropy by inverse sqrt class frequency")
     loss_weights: dict[str, float] = Field(default_factory=dict)
 
@@ -171,6 +174,7 @@ def fit(
         raise ConfigError(workdir, "no training samples left after the dev split", "pass more training data")
     sampler = BalancedSampler(dataset, num_types, seed=cfg.seed) if cfg.balance_rare_classes and num_types else None
     class_weights = tp_class_weights(train_samples, num_types) if cfg.tp_class_weights and num_types else None
+    use_bf16 = cfg.bf16 is True or (cfg.bf16 == "auto" and bf16_supported("cpu"))
     model.train()
     model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -216,7 +220,8 @@ def fit(
             for group in opt.param_groups:
                 group["lr"] = lr
             batch = _collate_to(batch, channels_last=True)
-            out = model(batch["image"])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                out = model(batch["image"])
             loss, terms = hovernet_loss(out, batch, weights, tp_class_weights=class_weights)
             if cfg.bn_l1 > 0:
                 penalty = bn_l1_penalty(model)
@@ -246,11 +251,14 @@ def fit(
             "epoch_seconds": round(time.perf_counter() - t_epoch, 1),
             "lr": lr_at(progress_of(), step, cfg),
             "train": {k: round(v / max(n_batches, 1), 5) for k, v in sums.items()},
+            "bf16": use_bf16,
         }
         last_epoch = epoch >= cfg.epochs or progress_of() >= 1.0
         if dev_samples and (epoch % cfg.eval_every == 0 or last_epoch):
             model.eval()
-            scores = evaluate_samples(model, dev_samples, InferenceConfig(batch_size=8), PostprocConfig())
+            scores = evaluate_samples(
+                model, dev_samples, InferenceConfig(batch_size=8, bf16=use_bf16), PostprocConfig()
+            )
             dev = {k: v for k, v in scores.items() if k != "images"}
             row["dev"] = dev
             metric = dev.get(cfg.select_metric)

@@ -11,17 +11,31 @@ Patches are cut and pushed through the model one batch at a time: a huge tile ne
 holds more than one batch of patches beside its uint8 padded copy and the output maps.
 
 The fast paths (channels_last memory layout, bf16 autocast, ``torch.compile``) change
-rounding, not the algorithm. How far they may stray from fp32 eager is fixed below in
-:data:`TOLERANCE_FP32` and :data:`TOLERANCE_BF16` and checked by ``tests/test_infer.py``:
+rounding, not the algorithm. How far they may stray from fp32 eager (figures of
+:func:`compare_maps`) is fixed in :data:`TOLERANCE_FP32` and :data:`TOLERANCE_BF16` and
+checked by ``tests/test_infer.py`` on a real MoNuSeg crop (300x200 px):
 
-* channels_last / compile (fp32): different convolution kernels and fusions re-order the
-  sums; differences stay at float32 rounding level (measured < 1e-4 in probabilities).
-* bf16 autocast: convolutions run with an 8-bit mantissa (relative rounding ~4e-3 per op),
-  compounded over ~50 layers. Measured on a CoNSeP crop with a seeded width x 0.125
-  fast model (tests/test_infer.py): max |dNP prob| 0.025, max |dHV| 0.005, max
-  |dTP prob| 0.016, no NP decision (prob > 0.5) flipped. The documented bound leaves
-  headroom for other weights and images: max |dNP prob| <= 0.1, max |dHV| <= 0.1,
-  max |dTP prob| <= 0.1 and at most 1% of pixels changing their NP decision.
+* channels_last / compile (fp32): other kernels and fusions re-order the sums. Measured:
+  max |dNP prob| 3e-6, max |dHV| 3e-5; bound: 1e-3 on every max, no confident NP flip.
+* bf16 autocast: convolutions run with an 8-bit mantissa (~4e-3 relative rounding), and
+  the network amplifies it. How much depends on the weights, not on this code: a randomly
+  initialised BN network is chaotic (rounding grows ~1000x from input to output, so bf16
+  scrambles it), trained ones are far tamer. Measured, width x 0.125 fast model, bf16 vs
+  fp32 eager (mean / max abs difference):
+
+  ============================================  =============  ============  ============  =====  =========
+  model                                         NP prob        HV            TP prob       flips  confident
+  ============================================  =============  ============  ============  =====  =========
+  test model (zero-init residual, BN on H&E)    0.008 / 0.096  0.051 / 0.62  0.003 / 0.08  1.1%   0
+  trained 40 steps on CoNSeP (throwaway run)    0.014 / 0.44   0.030 / 0.87  0.006 / 0.15  2.0%   0.02%
+  ============================================  =============  ============  ============  =====  =========
+
+  "flips": pixels whose NP decision (prob > 0.5) changes; "confident": among pixels whose
+  fp32 prob is outside 0.4-0.6. Single pixels can move a lot (max columns), so the bound is
+  on means and decisions: mean |dNP| <= 0.03, mean |dHV| <= 0.1, mean |dTP| <= 0.02,
+  flips <= 3%, confident flips <= 0.1%. ``bf16`` stays off by default; check a new
+  checkpoint with ``benchmarks/engine_latency.py`` (it reports the differences) or
+  :func:`compare_maps` before turning it on.
 """
 
 from __future__ import annotations
@@ -111,43 +125,66 @@ class Maps:
 
 @dataclass(frozen=True)
 class Tolerance:
-    """The largest disagreement with fp32 eager that a fast path is allowed."""
+    """The largest disagreement with fp32 eager that a fast path may show; ``None`` = unbounded.
 
-    np_prob_max_abs: float
-    hv_max_abs: float
-    tp_prob_max_abs: float
-    np_flip_fraction: float
+    Field names are the keys of :func:`compare_maps`.
+    """
+
+    np_prob_max_abs: float | None = None
+    np_prob_mean_abs: float | None = None
+    hv_max_abs: float | None = None
+    hv_mean_abs: float | None = None
+    tp_prob_max_abs: float | None = None
+    tp_prob_mean_abs: float | None = None
+    np_flip_fraction: float | None = None
+    np_confident_flip_fraction: float | None = None
 
     def violations(self, diff: dict[str, float]) -> list[str]:
         """Which figures of :func:`compare_maps` exceed this tolerance (empty list = within)."""
-        limits = {
-            "np_prob_max_abs": self.np_prob_max_abs,
-            "hv_max_abs": self.hv_max_abs,
-            "tp_prob_max_abs": self.tp_prob_max_abs,
-            "np_flip_fraction": self.np_flip_fraction,
-        }
-        return [f"{k}={diff[k]:.3g} > {v:g}" for k, v in limits.items() if k in diff and diff[k] > v]
+        return [
+            f"{name}={diff[name]:.3g} > {limit:g}"
+            for name, limit in vars(self).items()
+            if limit is not None and name in diff and diff[name] > limit
+        ]
 
 
-TOLERANCE_FP32 = Tolerance(np_prob_max_abs=1e-3, hv_max_abs=1e-3, tp_prob_max_abs=1e-3, np_flip_fraction=1e-4)
-TOLERANCE_BF16 = Tolerance(np_prob_max_abs=0.1, hv_max_abs=0.1, tp_prob_max_abs=0.1, np_flip_fraction=0.01)
+TOLERANCE_FP32 = Tolerance(
+    np_prob_max_abs=1e-3, hv_max_abs=1e-3, tp_prob_max_abs=1e-3, np_flip_fraction=1e-4, np_confident_flip_fraction=0.0
+)
+TOLERANCE_BF16 = Tolerance(
+    np_prob_mean_abs=0.03,
+    hv_mean_abs=0.1,
+    tp_prob_mean_abs=0.02,
+    np_flip_fraction=0.03,
+    np_confident_flip_fraction=1e-3,
+)
+
+# A reference probability this far from 0.5 counts as a confident NP decision.
+CONFIDENT_MARGIN = 0.1
 
 
 def compare_maps(reference: Maps, other: Maps) -> dict[str, float]:
-    """Disagreement of ``other`` with ``reference``: max abs differences and NP decision flips.
+    """Disagreement of ``other`` with ``reference``: max and mean abs differences, NP flips.
 
-    The flip fraction counts pixels whose nucleus/background decision (prob > 0.5)
-    differs, the figure that actually changes the segmentation.
+    ``np_flip_fraction`` counts pixels whose nucleus/background decision (prob > 0.5)
+    differs, the figure that changes the segmentation; ``np_confident_flip_fraction``
+    counts them only among pixels where the reference is confident (|p - 0.5| > 0.1),
+    because flips of undecided pixels are expected from any rounding change.
     """
     if reference.np_prob.shape != other.np_prob.shape:
         raise ModelError(None, f"cannot compare maps of shapes {reference.np_prob.shape} and {other.np_prob.shape}")
-    out = {
-        "np_prob_max_abs": float(np.abs(reference.np_prob - other.np_prob).max()),
-        "hv_max_abs": float(np.abs(reference.hv - other.hv).max()),
-        "np_flip_fraction": float(np.mean((reference.np_prob > 0.5) != (other.np_prob > 0.5))),
-    }
+    out: dict[str, float] = {}
+    pairs = [("np_prob", reference.np_prob, other.np_prob), ("hv", reference.hv, other.hv)]
     if reference.tp_prob is not None and other.tp_prob is not None:
-        out["tp_prob_max_abs"] = float(np.abs(reference.tp_prob - other.tp_prob).max())
+        pairs.append(("tp_prob", reference.tp_prob, other.tp_prob))
+    for name, a, b in pairs:
+        diff = np.abs(a - b)
+        out[f"{name}_max_abs"] = float(diff.max())
+        out[f"{name}_mean_abs"] = float(diff.mean())
+    flips = (reference.np_prob > 0.5) != (other.np_prob > 0.5)
+    confident = np.abs(reference.np_prob - 0.5) > CONFIDENT_MARGIN
+    out["np_flip_fraction"] = float(flips.mean())
+    out["np_confident_flip_fraction"] = float(flips[confident].mean()) if confident.any() else 0.0
     return out
 
 

@@ -381,7 +381,9 @@ def _not_hovernet_message(state_dict: Mapping[str, Tensor]) -> str:
     return "; ".join(["not a HoVer-Net state dict", *parts])
 
 
-def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, Tensor], assign: bool = False) -> None:
+def load_state_dict_checked(
+    model: nn.Module, state_dict: Mapping[str, Tensor], assign: bool = False, copy: bool = True
+) -> None:
     """``load_state_dict(strict=True)`` with an error that lists what does not fit.
 
     Two constants that some public checkpoints lack are filled in rather than
@@ -390,9 +392,11 @@ def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, Tensor], 
     matter for momentum-free BatchNorm, which HoVer-Net does not use) and the
     all-ones ``upsample2x.unpool_mat``.
 
-    ``assign=True`` adopts the given tensors instead of copying them (cast to
-    the model's dtypes), so a model built on the ``meta`` device is loaded
-    without ever allocating or initialising its own weights.
+    ``assign=True`` makes the model take the given tensors (cast to its
+    dtypes) as its own, so a model built on the ``meta`` device is loaded
+    without allocating or initialising weights that are about to be replaced;
+    with ``copy=False`` too, no tensor is copied (only for tensors nobody else
+    holds, e.g. fresh from a file: the model and the caller would share them).
     """
     expected = model.state_dict()
     given = dict(state_dict)
@@ -405,7 +409,7 @@ def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, Tensor], 
     if parts:
         raise ModelError(None, "weights do not fit the architecture: " + "; ".join(parts), _NOT_HOVERNET_FIX)
     if assign:
-        given = {k: v.detach().to(dtype=expected[k].dtype, device="cpu") for k, v in given.items()}
+        given = {k: v.detach().to(dtype=expected[k].dtype, device="cpu", copy=copy) for k, v in given.items()}
     model.load_state_dict(given, strict=True, assign=assign)
 
 
@@ -648,16 +652,17 @@ class HoVerNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     @classmethod
-    def from_state_dict(cls, state_dict: Mapping[str, Tensor]) -> HoVerNet:
+    def from_state_dict(cls, state_dict: Mapping[str, Tensor], copy: bool = True) -> HoVerNet:
         """Build the model the weights describe (mode, types, every width) and load them strictly.
 
-        The model adopts the given tensors (cast to float32 where needed) rather than copying them.
+        ``copy=False`` lets the model take the given tensors as its parameters
+        instead of copies: for tensors nobody else holds (fresh from a file).
         """
         spec = ChannelSpec.from_state_dict(state_dict)
         head = state_dict.get("decoder.tp.u0.conv.weight")
         with torch.device("meta"):  # no allocation or random init of weights about to be replaced
             model = cls(spec.mode, None if head is None else int(head.shape[0]), spec)
-        load_state_dict_checked(model, state_dict, assign=True)
+        load_state_dict_checked(model, state_dict, assign=True, copy=copy)
         return model
 
     def output_size_for(self, input_size: int) -> int:

@@ -75,6 +75,29 @@ def read_state_dict(path: str | PathLike[str]) -> tuple[dict[str, Tensor], dict[
     return _strip_prefixes(state_dict), meta
 
 
+def read_metadata(path: str | PathLike[str]) -> dict[str, Any]:
+    """Our JSON metadata of a safetensors checkpoint without reading its tensors.
+
+    Listing shipped models must stay instant, so only the header is parsed;
+    legacy formats (no metadata) give ``{}``.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file() or not _is_safetensors(path):
+        return {}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(path, f"cannot read this safetensors file ({exc})", "re-download or re-save it") from None
+    try:
+        meta = json.loads(header.get(_META_KEY, "{}"))
+    except json.JSONDecodeError as exc:
+        raise ModelError(path, f"its metadata is not valid JSON ({exc})", "re-save it with save_model") from None
+    return meta if isinstance(meta, dict) else {}
+
+
 def _is_safetensors(path: Path) -> bool:
     """A safetensors file starts with an 8-byte little-endian header length, then a JSON object."""
     with path.open("rb") as f:
@@ -184,7 +207,7 @@ def load_model(path_or_name: str | PathLike[str], device: str | torch.device = "
     path = _resolve(path_or_name)
     state_dict, meta = read_state_dict(path)
     try:
-        model = HoVerNet.from_state_dict(state_dict)
+        model = HoVerNet.from_state_dict(state_dict, copy=False)  # the tensors were just read: ours
         if "spec" in meta and ChannelSpec.from_dict(meta["spec"]) != model.spec:
             raise ModelError(
                 None,

@@ -1,0 +1,120 @@
+"""Shipped models: names, the default, and where their files live.
+
+Models ship in the repository's ``models/`` folder as self-contained
+``NAME.safetensors`` files (metadata in the header) with a ``NAME.md`` model
+card beside each; ``models/index.yaml`` names the default. The folder can be
+moved with ``WSI_PIPELINE_MODELS`` (a lab that keeps its models on shared
+storage), so ``--model NAME`` works from any working directory.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from wsi_pipeline.engine.weights import read_metadata
+from wsi_pipeline.errors import ModelError
+
+ENV_VAR = "WSI_PIPELINE_MODELS"
+INDEX_NAME = "index.yaml"
+
+
+def models_dir() -> Path:
+    """The folder of shipped models (``$WSI_PIPELINE_MODELS`` or the repository's ``models/``)."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "models"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One shipped model as `wsi-pipeline models --json` lists it."""
+
+    name: str
+    path: str
+    params: int | None
+    macs: int | None
+    mpp: float | None
+    classes: list[str]
+    default: bool
+    parent: str | None
+    description: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _index(folder: Path) -> dict[str, Any]:
+    path = folder / INDEX_NAME
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ModelError(path, f"not valid YAML ({exc})", "fix the file or delete it") from None
+    if not isinstance(data, dict):
+        raise ModelError(path, "expected a mapping with a 'default' key", "write e.g. 'default: NAME'")
+    return data
+
+
+def default_model_name(folder: Path | None = None) -> str:
+    """The model `run` and `evaluate` use without ``--model``."""
+    folder = folder or models_dir()
+    name = _index(folder).get("default")
+    if not name:
+        available = [p.stem for p in sorted(folder.glob("*.safetensors"))]
+        if len(available) == 1:
+            return available[0]
+        raise ModelError(
+            folder / INDEX_NAME,
+            "no default model is set"
+            + (f" (shipped: {', '.join(available)})" if available else " and none is shipped"),
+            "pass --model NAME|PATH, or train one with `wsi-pipeline train` and name it in models/index.yaml",
+        )
+    return str(name)
+
+
+def resolve_model_name(name: str, folder: Path | None = None) -> Path:
+    """The file of a shipped model; a clear error listing what exists otherwise."""
+    folder = folder or models_dir()
+    path = folder / f"{name}.safetensors"
+    if path.is_file():
+        return path
+    available = [p.stem for p in sorted(folder.glob("*.safetensors"))]
+    raise ModelError(
+        name,
+        f"no such model file, and no shipped model of that name in {folder}",
+        f"pass a checkpoint path or one of: {', '.join(available) or '(none shipped)'}",
+    )
+
+
+def list_models(folder: Path | None = None) -> list[ModelEntry]:
+    """Every shipped model with what its metadata says, the default flagged."""
+    folder = folder or models_dir()
+    try:
+        default = default_model_name(folder)
+    except ModelError:
+        default = None
+    entries = []
+    for path in sorted(folder.glob("*.safetensors")):
+        meta = read_metadata(path)
+        lineage = meta.get("lineage") or {}
+        entries.append(
+            ModelEntry(
+                name=path.stem,
+                path=str(path),
+                params=meta.get("params"),
+                macs=meta.get("macs"),
+                mpp=meta.get("mpp"),
+                classes=[c["name"] for c in meta.get("classes", [])],
+                default=path.stem == default,
+                parent=lineage.get("parent") if isinstance(lineage, dict) else None,
+                description=meta.get("description", ""),
+            )
+        )
+    return entries
