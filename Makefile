@@ -11,7 +11,6 @@ OUT ?= out
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
 
 # torch is pinned to the CPU wheel first: an unpinned torch pulls a multi-GB CUDA build.
 $(STAMP_RUN): pyproject.toml | $(PY)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -165,6 +166,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "num_types": args.num_types,
             "image": str(args.image) if args.image else None,
         },
+        # Load average: on a shared machine it explains most run-to-run differences.
+        "load_avg_before": [round(x, 2) for x in os.getloadavg()],
         "matmul_gflops_before": machine_peaks(device),
         "models": [],
     }
@@ -231,6 +234,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["models"].append(entry)
         del model
     result["matmul_gflops_after"] = machine_peaks(device)
+    result["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
     print(f"\nmatmul GFLOP/s (2048², after): {result['matmul_gflops_after']}", flush=True)
     return result
 

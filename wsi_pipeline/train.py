@@ -154,7 +154,8 @@ def fit(
     """Train ``model`` in place; evaluate on ``dev_samples`` each ``eval_every`` epochs.
 
     ``on_best(model, dev_scores)`` is called whenever the dev metric improves (the
-    caller saves the model in its format). ``step_hook(model)`` runs after every
+    caller saves the model in its format); the scores also carry ``epoch`` and
+    ``train_minutes``. ``step_hook(model)`` runs after every
     optimiser step (unstructured pruning re-applies its masks there).
     """
     workdir.mkdir(parents=True, exist_ok=True)
@@ -269,7 +270,7 @@ def fit(
                 best, best_epoch = float(metric), epoch
                 row["best"] = True
                 if on_best is not None:
-                    on_best(model, dev)
+                    on_best(model, {**dev, "epoch": epoch, "train_minutes": row["train_minutes"]})
             model.train()
         history.append(row)
         log.info("epoch %d: %s", epoch, json.dumps(row))

@@ -124,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
                 "started": started,
                 "hardware": hardware_summary(),
                 "init": args.init,
+                "best_epoch": dev.get("epoch"),
+                "train_minutes": dev.get("train_minutes"),
             },
             "metrics": {"dev": dev},
         }

@@ -1,0 +1,179 @@
+"""End-to-end throughput of `wsi-pipeline run`, and how much of it is the model itself.
+
+For each model and each slide, the real pipeline runs (the batch code, a LocalCluster
+sized like `run`'s default, outputs and reports written to a temporary folder); its
+report gives wall seconds, tissue mm², core megapixels and nuclei. In the same process
+and on the same cluster, a second pass then times only the model forward
+(:meth:`~wsi_pipeline.engine.infer.TileInferer.predict_patches`, the engine's batch call)
+over the same patches: each tile's read region, mirrored by the model's context and cut
+with stride = output size exactly as the engine does, in batches of the run's size.
+Reading and cutting are outside the timer.
+
+    pipeline overhead = end-to-end wall seconds / (forward seconds / worker threads)
+
+i.e. how much longer the whole run takes than the cluster's threads would need for the
+forward passes alone (target <= 1.15). Everything else (reading, tissue, post-processing,
+stitching, writing, scheduling, idle threads at the end of a slide) is overhead.
+
+    .venv/bin/python benchmarks/throughput.py --json benchmarks/results/throughput.json
+    .venv/bin/python benchmarks/throughput.py --models hovernet-fast-w025 DENSE_MODEL_NAME
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = sorted((REPO / "sample_slides").glob("*.svs")) + sorted((REPO / "sample_slides").glob("*.tif"))
+
+
+def forward_seconds(task: Any) -> dict[str, float]:
+    """Time only the model forward over the patches the engine cuts from this tile.
+
+    Runs on a worker; uses the worker's cached engine (the one the pipeline used).
+    """
+    import numpy as np
+    import torch
+
+    from wsi_pipeline.slide import SlideSpec
+    from wsi_pipeline.worker import get_inferer
+
+    inferer = get_inferer(task.model_path, task.infer)
+    tile = task.tile
+    with SlideSpec(task.slide.path, task.slide.backend, task.slide.mpp).open() as slide:
+        rgb = slide.read_region_at(
+            tile.read_level0.x0, tile.read_level0.y0, tile.read.width, tile.read.height, task.mpp
+        )
+    step, size, context = inferer.output_size, inferer.input_size, inferer.context
+    rows, cols = math.ceil(rgb.shape[0] / step), math.ceil(rgb.shape[1] / step)
+    pad_bottom = rows * step - rgb.shape[0] + context
+    pad_right = cols * step - rgb.shape[1] + context
+    padded = np.pad(rgb, ((context, pad_bottom), (context, pad_right), (0, 0)), mode="reflect")
+    patches = torch.from_numpy(
+        np.stack(
+            [padded[r * step : r * step + size, c * step : c * step + size] for r in range(rows) for c in range(cols)]
+        )
+    )
+    batch = task.infer.batch_size
+    seconds = 0.0
+    with torch.inference_mode():
+        for start in range(0, len(patches), batch):
+            chunk = patches[start : start + batch]
+            began = time.perf_counter()
+            inferer.predict_patches(chunk)
+            seconds += time.perf_counter() - began
+    return {"forward": seconds, "patches": float(len(patches))}
+
+
+def measure(slide: Path, model: str, out: Path, config_options: dict[str, Any]) -> dict[str, Any]:
+    """One pipeline run of one slide, then the forward-only pass over the same tiles."""
+    from wsi_pipeline.batch import SlideJob, SlideRun, prepare_model, process_slide, settings_checksum
+    from wsi_pipeline.config import RunConfig
+    from wsi_pipeline.engine.infer import InferenceConfig
+    from wsi_pipeline.engine.postproc import PostprocConfig
+    from wsi_pipeline.schedule import cluster_threads, open_client, stream_tiles
+    from wsi_pipeline.slide import DEFAULT_MASK_MPP, SlideSpec, tissue_mask
+    from wsi_pipeline.tiling import tile_grid
+    from wsi_pipeline.worker import TileTask
+
+    config = RunConfig(model=model, progress=False, **config_options)
+    info = prepare_model(config)
+    folder = out / slide.stem
+    folder.mkdir(parents=True)
+    spec = SlideSpec(str(slide), config.backend, config.mpp)
+    with spec.open() as opened:
+        tissue = tissue_mask(opened, DEFAULT_MASK_MPP)
+        mpp0 = (opened.mpp_x, opened.mpp_y)
+        tiles = tile_grid(opened.width, opened.height, mpp0, info.mpp, info.tile_size, info.margin, tissue)
+    core_megapixels = sum(t.core.width * t.core.height for t in tiles) / 1e6
+    with open_client(config) as cluster:
+        threads = cluster_threads(cluster.client)
+        infer = InferenceConfig(
+            device=config.device, threads=cluster.torch_threads, batch_size=config.batch_size, bf16=config.bf16
+        )
+        tasks = [TileTask(spec, tile, str(info.path), info.mpp, infer, PostprocConfig()) for tile in tiles]
+        # Warm-up: every worker loads the model, as it would have early in a long batch.
+        stream_tiles(cluster.client, tasks[:threads], lambda _: None, max_in_flight=threads, fn=forward_seconds)
+        run = SlideRun(config, info, cluster, settings_checksum(config, info), config.max_in_flight or 2 * threads)
+        nuclei, report = process_slide(SlideJob(slide, slide.stem), run, folder)
+        timed: list[dict[str, float]] = []
+        stream_tiles(cluster.client, tasks, timed.append, max_in_flight=2 * threads, fn=forward_seconds)
+        description = cluster.description
+    forward = sum(t["forward"] for t in timed)
+    patches = int(sum(t["patches"] for t in timed))
+    wall = float(report["seconds"]["wall"])
+    forward_wall = forward / threads
+    return {
+        "slide": slide.name,
+        "model": info.name,
+        "model_gmac_per_patch": info.macs / 1e9,
+        "cluster": description,
+        "threads": threads,
+        "tiles": report["tiles"]["processed"],
+        "patches": patches,
+        "tissue_mm2": report["tissue_mm2"],
+        "nuclei": nuclei,
+        "wall_s": wall,
+        "s_per_tissue_mm2": wall / report["tissue_mm2"] if report["tissue_mm2"] else None,
+        "core_megapixels": core_megapixels,
+        "core_megapixels_per_s": core_megapixels / wall if wall else None,
+        "tissue_megapixels_per_s": report["throughput"]["tissue_mpx_per_s"],
+        "nuclei_per_s": report["throughput"]["nuclei_per_s"],
+        "stage_seconds": report["seconds"],
+        "forward_s": forward,
+        "forward_s_per_patch": forward / patches if patches else None,
+        "forward_wall_s": forward_wall,
+        "overhead_ratio": wall / forward_wall if forward_wall else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slides", nargs="+", type=Path, default=SAMPLES, help="default: sample_slides/*")
+    parser.add_argument("--models", nargs="+", default=[None], help="model names or paths (default: the default)")
+    parser.add_argument("--tile-size", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--threads-per-worker", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--bf16", choices=("false", "true", "auto"), default="false")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    options: dict[str, Any] = {
+        "batch_size": args.batch_size,
+        "bf16": {"false": False, "true": True}.get(args.bf16, "auto"),
+    }
+    for name in ("tile_size", "workers", "threads_per_worker"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for index, model in enumerate(args.models):
+            for slide in args.slides:
+                result = measure(slide, model, Path(tmp) / f"{index}", options)
+                print(json.dumps({k: v for k, v in result.items() if k != "stage_seconds"}), flush=True)
+                results.append(result)
+    summary = {
+        "benchmark": "throughput",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpus": len(os.sched_getaffinity(0)),
+        "load_average_at_end": os.getloadavg(),
+        "options": options,
+        "results": results,
+    }
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

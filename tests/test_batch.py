@@ -1,0 +1,285 @@
+"""Batch behaviour of `wsi-pipeline run`: inputs, skip when done, failures recorded, resume.
+
+Every run goes to a real ``dask scheduler`` + ``dask worker`` started as subprocesses on
+127.0.0.1 for the module (``--scheduler`` / ``DASK_SCHEDULER_ADDRESS``), with a small
+randomly initialised HoVer-Net and a 492 px crop of the pyramid sample slide (about the
+smallest the tissue detector keeps), with 164 px tiles and no margin so each tile is one
+patch: the batch logic, not the model, is under test here.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from wsi_pipeline.batch import (
+    DONE_MARKER,
+    PROCESS_LIST,
+    collect_jobs,
+    default_tile_size,
+    partial_dir,
+    run_batch,
+    zarr_chunk,
+)
+from wsi_pipeline.cli import main
+from wsi_pipeline.config import SCHEDULER_ENV, RunConfig
+from wsi_pipeline.data.classes import CONSEP_CLASSES
+from wsi_pipeline.engine.model import ChannelSpec, HoVerNet
+from wsi_pipeline.engine.weights import save_model
+from wsi_pipeline.errors import ConfigError, SlideError
+from wsi_pipeline.slide import open_slide
+from wsi_pipeline.slide.pyramid import write_pyramid
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "sample_slides" / "CMU-1-Small-Region-pyramid.tif"
+DASK = Path(sys.executable).with_name("dask")
+START_TIMEOUT_S = 60
+
+
+def plumbing_model(path: Path, slide: Path) -> Path:
+    """A tiny random HoVer-Net whose NP bias is set so that about half the pixels of
+    ``slide`` read as nucleus: random weights alone often find no nucleus or only one
+    blob, and these tests need nuclei to count, not good ones."""
+    torch.manual_seed(1)
+    model = HoVerNet("fast", 5, ChannelSpec.scaled(0.0625, "fast", round_to=4)).eval()
+    with open_slide(slide) as s:
+        patch = torch.from_numpy(s.read_region_at(0, 0, 256, 256, 0.25)).permute(2, 0, 1)[None].float()
+    with torch.inference_mode():
+        logits = model(patch)["np"][0]
+        model.decoder.np.u0.conv.bias[1] -= (logits[1] - logits[0]).median()
+    return save_model(model, path, meta={"name": "plumbing", "classes": CONSEP_CLASSES, "mpp": 0.25})
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A 492 x 492 px slide at 0.25 µm/px (epithelium of the sample) and a model for it."""
+    folder = tmp_path_factory.mktemp("batch_assets")
+    with open_slide(SAMPLE) as source:
+        write_pyramid(source, folder / "good.tif", region=(1000, 1000, 492, 492))
+    return {"model": plumbing_model(folder / "tiny.safetensors", folder / "good.tif"), "slide": folder / "good.tif"}
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Stop a process we started, with the children of its session (the worker's nanny
+    runs the worker in a child process)."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def scheduler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``dask scheduler`` + one single-threaded ``dask worker`` on 127.0.0.1, as
+    subprocesses (the commands a user runs on a cluster); stopped after the module."""
+    if not DASK.is_file():
+        pytest.skip(f"the dask command is not installed beside {sys.executable}")
+    folder = tmp_path_factory.mktemp("dask")
+    scheduler_file = folder / "scheduler.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    common = {"cwd": folder, "env": env, "start_new_session": True, "stdout": subprocess.DEVNULL}
+    processes = [
+        subprocess.Popen(
+            [str(DASK), "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard"]
+            + ["--scheduler-file", str(scheduler_file)],
+            stderr=(folder / "scheduler.log").open("w"),
+            **common,
+        )
+    ]
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not scheduler_file.is_file() or not scheduler_file.read_text().strip():
+            if processes[0].poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"dask scheduler did not start: {(folder / 'scheduler.log').read_text()[-2000:]}")
+            time.sleep(0.2)
+        address = json.loads(scheduler_file.read_text())["address"]
+        processes.append(
+            subprocess.Popen(
+                [str(DASK), "worker", address, "--nthreads", "1", "--nworkers", "1", "--no-dashboard"]
+                + ["--host", "127.0.0.1", "--memory-limit", "0", "--death-timeout", "60"],
+                stderr=(folder / "worker.log").open("w"),
+                **common,
+            )
+        )
+        yield address
+    finally:
+        for process in reversed(processes):
+            stop(process)
+
+
+def config(assets: dict[str, Path], scheduler: str, **options) -> RunConfig:
+    settings = {"model": str(assets["model"]), "tile_size": 164, "margin": 0, "scheduler": scheduler, "progress": False}
+    return RunConfig(**(settings | options))
+
+
+def slide_folder(tmp_path: Path, assets: dict[str, Path]) -> Path:
+    """A folder with a good slide and a corrupt one (the good file cut in half)."""
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    shutil.copy(assets["slide"], folder / "good.tif")
+    data = assets["slide"].read_bytes()
+    (folder / "bad.tif").write_bytes(data[: len(data) // 2])
+    return folder
+
+
+def rows(out: Path) -> dict[str, dict[str, str]]:
+    with (out / PROCESS_LIST).open(newline="") as f:
+        return {Path(row["path"]).name: row for row in csv.DictReader(f)}
+
+
+def hidden(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if p.name.startswith("."))
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory: pytest.TempPathFactory, assets: dict[str, Path], scheduler: str):
+    """One batch over a folder holding a good and a corrupt slide; tests copy its output."""
+    folder = slide_folder(tmp_path_factory.mktemp("first_run"), assets)
+    out = folder.parent / "out"
+    return folder, out, run_batch([folder], out, config(assets, scheduler)), assets["model"]
+
+
+def copy_of(first_run, tmp_path: Path) -> tuple[Path, Path]:
+    folder, out, _, _ = first_run
+    shutil.copytree(folder, tmp_path / "slides")
+    shutil.copytree(out, tmp_path / "out")
+    return tmp_path / "slides", tmp_path / "out"
+
+
+def test_bad_slide_fails_with_a_reason_and_the_batch_goes_on(first_run) -> None:
+    _, out, summary, _ = first_run
+    assert summary.exit_code == 1
+    by_name = {o.name: o for o in summary.outcomes}
+    assert by_name["good"].status == "done" and by_name["good"].nuclei > 0
+    assert by_name["bad"].status == "failed"
+    assert "bad.tif" in by_name["bad"].reason and "Fix:" in by_name["bad"].reason
+    listed = rows(out)
+    assert list(listed["bad.tif"]) == ["path", "status", "reason", "seconds", "nuclei"]
+    assert listed["good.tif"]["status"] == "done" and int(listed["good.tif"]["nuclei"]) == by_name["good"].nuclei
+    assert listed["bad.tif"]["status"] == "failed" and listed["bad.tif"]["reason"] == by_name["bad"].reason
+    assert (out / "good" / "good.geojson.gz").is_file() and (out / "good" / "report.json").is_file()
+    assert not (out / "bad").exists() and hidden(out) == []
+    batch = json.loads((out / "batch_report.json").read_text())
+    assert (batch["done"], batch["failed"], batch["skipped"], batch["ok"]) == (1, 1, 0, False)
+
+
+def test_rerun_skips_the_done_slide(first_run, tmp_path: Path, assets: dict[str, Path], scheduler: str) -> None:
+    folder, out = copy_of(first_run, tmp_path)
+    nuclei = {o.name: o.nuclei for o in first_run[2].outcomes}["good"]
+    marker = (out / "good" / DONE_MARKER).read_text()
+    again = run_batch([folder], out, config(assets, scheduler, workers=3))  # scheduling options do not matter
+    by_name = {o.name: o for o in again.outcomes}
+    assert by_name["good"].status == "skipped" and by_name["good"].nuclei == nuclei
+    assert by_name["bad"].status == "failed" and again.exit_code == 1
+    assert (out / "good" / DONE_MARKER).read_text() == marker  # not redone
+    assert rows(out)["good.tif"]["status"] == "skipped"
+    (folder / "bad.tif").unlink()
+    assert run_batch([folder], out, config(assets, scheduler)).exit_code == 0  # all done or skipped
+
+
+def test_other_settings_keep_the_outputs_until_overwrite(
+    first_run, tmp_path: Path, assets: dict[str, Path], scheduler: str
+) -> None:
+    folder, out = copy_of(first_run, tmp_path)
+    (folder / "bad.tif").unlink()
+    changed = run_batch([folder], out, config(assets, scheduler, tile_size=328))
+    assert changed.exit_code == 1
+    assert "another model or settings" in changed.outcomes[0].reason and "--overwrite" in changed.outcomes[0].reason
+    before = json.loads((out / "good" / DONE_MARKER).read_text())
+    # A run killed outright leaves its hidden partial folder behind: the next run replaces it.
+    stale = partial_dir(out, "good")
+    (stale / "good.zarr").mkdir(parents=True)
+    redone = run_batch([folder], out, config(assets, scheduler, tile_size=328, overwrite=True))
+    assert redone.exit_code == 0 and redone.outcomes[0].status == "done"
+    after = json.loads((out / "good" / DONE_MARKER).read_text())
+    assert after["config_checksum"] != before["config_checksum"]
+    assert after["model_checksum"] == before["model_checksum"]
+    report = json.loads((out / "good" / "report.json").read_text())
+    assert report["tiles"]["tile_size"] == 328 and report["tiles"]["processed"] == 4
+    assert hidden(out) == []
+
+
+class Interrupt(KeyboardInterrupt):
+    pass
+
+
+def test_an_interrupted_slide_leaves_nothing_visible(tmp_path: Path, assets: dict[str, Path], scheduler: str) -> None:
+    out = tmp_path / "out"
+
+    def stop(_result) -> None:
+        raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_batch([assets["slide"]], out, config(assets, scheduler), on_tile=stop)
+    assert sorted(p.name for p in out.iterdir()) == ["batch_report.json", "process_list.csv"]
+
+
+def test_csv_rows_relative_to_the_csv_and_missing_files(tmp_path: Path, assets: dict[str, Path]) -> None:
+    folder = tmp_path / "cohort"
+    (folder / "slides").mkdir(parents=True)
+    shutil.copy(assets["slide"], folder / "slides" / "good.tif")
+    (folder / "notes.txt").write_text("x")
+    listing = folder / "cohort.csv"
+    listing.write_text("case,Path\nA,slides/good.tif\nB,slides/missing.svs\nC,notes.txt\n,\n")
+    jobs = collect_jobs([listing])
+    assert [(j.path, j.name) for j in jobs] == [
+        (folder / "slides" / "good.tif", "good"),
+        (folder / "slides" / "missing.svs", "missing"),
+        (folder / "notes.txt", "notes"),
+    ]
+    assert jobs[0].problem is None
+    assert (
+        jobs[1].problem is not None and "cohort.csv line 3" in jobs[1].problem and "does not exist" in jobs[1].problem
+    )
+    assert jobs[2].problem is not None and "unsupported extension '.txt'" in jobs[2].problem
+
+
+def test_collect_jobs_names_and_errors(tmp_path: Path, assets: dict[str, Path]) -> None:
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        shutil.copy(assets["slide"], tmp_path / sub / "x.tif")
+    jobs = collect_jobs([tmp_path / "a", tmp_path / "b", tmp_path / "a" / "x.tif"])  # the last one is a duplicate
+    assert [(j.path.parent.name, j.name) for j in jobs] == [("a", "x"), ("b", "x-2")]
+    (tmp_path / "list.csv").write_text("slide\nx.tif\n")
+    with pytest.raises(ConfigError, match=r"list.csv: has no 'path' column \(columns: 'slide'\)"):
+        collect_jobs([tmp_path / "list.csv"])
+    with pytest.raises(SlideError, match="nothing.svs: does not exist"):
+        collect_jobs([tmp_path / "nothing.svs"])
+
+
+def test_derived_tile_and_chunk_sizes() -> None:
+    assert default_tile_size(164) == 1312  # HoVer-Net fast: 8 output patches
+    assert default_tile_size(80) == 1280  # original mode
+    assert zarr_chunk(1312) == 656 and zarr_chunk(164) == 164 and zarr_chunk(2048) == 1024
+
+
+def test_cli_with_scheduler_option_or_environment(
+    first_run, tmp_path: Path, scheduler: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    _, out = copy_of(first_run, tmp_path)
+    argv = ["run", str(first_run[0] / "good.tif"), "--out", str(out), "--model", str(first_run[3])]
+    argv += ["--tile-size", "164", "--margin", "0", "--no-progress", "--overwrite"]
+    assert main([*argv, "--scheduler", scheduler]) == 0
+    assert f"scheduler {scheduler}" in capsys.readouterr().out
+    report = json.loads((out / "good" / "report.json").read_text())
+    assert report["nuclei"]["total"] > 0 and report["tiles"]["processed"] == 9
+    assert report["config"]["cluster"] == f"scheduler {scheduler}"
+
+    monkeypatch.setenv(SCHEDULER_ENV, scheduler)
+    assert main(argv[:-1]) == 0  # without --overwrite: done already, so skipped
+    printed = capsys.readouterr().out
+    assert "skipped good" in printed and f"scheduler {scheduler}" in printed

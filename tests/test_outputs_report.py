@@ -1,0 +1,201 @@
+"""report.json / report.html / batch_report.json on a real slide (CMU-1-Small-Region).
+
+The slide's own thumbnail and tissue mask feed the overview; nuclei are real CoNSeP
+nuclei (measured by the engine's ``describe_nuclei``) stamped over the tissue, so the
+density map has something to show where tissue is and nothing where it is not.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from wsi_pipeline.data.classes import CONSEP_CLASSES
+from wsi_pipeline.engine.postproc import describe_nuclei
+from wsi_pipeline.outputs.report import (
+    BATCH_REPORT_JSON,
+    STAGES,
+    NucleiDensity,
+    SlideReport,
+    per_class_counts,
+    render_html,
+    write_batch_report,
+    write_report,
+)
+from wsi_pipeline.slide import open_slide, tissue_mask
+from wsi_pipeline.stitch import SlideNucleus
+
+# The keys the issue asks report.json for (slide size, µm/px, tissue mm², tiles, nuclei per
+# class, seconds per stage, throughput, edge-touching count, model, versions, checksums).
+REPORT_KEYS = {
+    "slide",
+    "mpp",
+    "tissue_mm2",
+    "tiles",
+    "nuclei",
+    "seconds",
+    "throughput",
+    "edge_touching",
+    "model",
+    "versions",
+    "config",
+    "config_checksum",
+}
+
+
+@pytest.fixture(scope="module")
+def slide_inputs(aperio_svs: Path, consep_train: Path):
+    """Thumbnail, tissue mask, slide facts and a density grid filled with nuclei on tissue."""
+    with open_slide(aperio_svs) as slide:
+        thumbnail = slide.thumbnail(8.0)
+        tissue = tissue_mask(slide, 8.0, thumbnail=thumbnail)
+        width, height = slide.dimensions
+        slide_mpp = (slide.mpp_x, slide.mpp_y)
+    data = np.load(consep_train / "labels" / "train_23_008.npz")
+    inst, types = data["inst_map"].astype(np.int32), data["type_map"].astype(np.int64)
+    tp = np.stack([types == c for c in range(5)]).astype(np.float32)
+    crop = describe_nuclei(inst, (inst > 0).astype(np.float32), tp)
+    density = NucleiDensity(width, height, slide_mpp, num_types=5, cells=64)
+    scale = 0.25 / slide_mpp[0]  # CoNSeP px (0.25 µm) -> level-0 px
+    step = 256 * scale
+    nid = 0
+    for y in np.arange(0, height - step, step):
+        for x in np.arange(0, width - step, step):
+            r = int((y + step / 2) / tissue.downsample_y)
+            c = int((x + step / 2) / tissue.downsample_x)
+            if not tissue.mask[min(r, tissue.mask.shape[0] - 1), min(c, tissue.mask.shape[1] - 1)]:
+                continue
+            for n in crop:
+                nid += 1
+                density.add(_nucleus(n, nid, x, y, scale))
+    return thumbnail, tissue, width, height, slide_mpp, density
+
+
+def _nucleus(n, nid: int, x0: float, y0: float, scale: float) -> SlideNucleus:
+    return SlideNucleus(
+        polygon=n.contour.astype(np.float64) * scale + (x0, y0),
+        centroid=(x0 + n.centroid[0] * scale, y0 + n.centroid[1] * scale),
+        bbox=(x0 + n.bbox[0] * scale, y0 + n.bbox[1] * scale, x0 + n.bbox[2] * scale, y0 + n.bbox[3] * scale),
+        area_px=n.area,
+        area_um2=n.area * 0.0625,
+        type=n.type,
+        type_prob=n.type_prob,
+        class_probs=n.class_probs,
+        id=nid,
+        uuid=str(uuid.uuid5(uuid.NAMESPACE_URL, str(nid))),
+    )
+
+
+def _report(slide_inputs, aperio_svs: Path) -> SlideReport:
+    _, tissue, width, height, slide_mpp, density = slide_inputs
+    per_type = {t: int(density.counts[t].sum()) for t in range(5) if density.counts[t].sum()}
+    rng = np.random.default_rng(0)
+    return SlideReport(
+        slide=str(aperio_svs),
+        name="cmu_small_region",
+        width=width,
+        height=height,
+        slide_mpp=slide_mpp,
+        mpp=0.25,
+        tissue_mm2=tissue.area_mm2,
+        tiles=12,
+        tiles_grid=20,
+        tile_size=1024,
+        margin=96,
+        nuclei_per_class=per_class_counts(per_type, CONSEP_CLASSES),
+        edge_touching=3,
+        seconds={"read": 4.0, "infer": 60.0, "postprocess": 9.5, "stitch": 1.2, "write": 2.3},
+        wall_seconds=40.0,
+        model={"name": "tiny", "params": 2_370_000, "macs": 9_400_000_000, "checksum": "ab" * 32},
+        config={"tile_size": 1024, "margin": 96, "geojson": "gz"},
+        config_checksum="cd" * 32,
+        classes=CONSEP_CLASSES,
+        tile_seconds=rng.gamma(4.0, 1.5, size=12).tolist(),
+    )
+
+
+def test_report_json_has_the_issue_keys_and_consistent_figures(tmp_path: Path, slide_inputs, aperio_svs) -> None:
+    thumbnail, tissue, *_, density = slide_inputs
+    report = _report(slide_inputs, aperio_svs)
+    json_path, html_path = write_report(tmp_path, report, thumbnail=thumbnail, tissue=tissue, density=density)
+    data = json.loads(json_path.read_text(encoding="utf-8"))
+    assert set(data) >= REPORT_KEYS
+    assert data["slide"]["width"] == 2220 and data["slide"]["height"] == 2967
+    assert set(STAGES) <= set(data["seconds"]) and data["seconds"]["wall"] == 40.0
+    assert data["nuclei"]["total"] == density.total == sum(data["nuclei"]["per_class"].values()) > 0
+    assert list(data["nuclei"]["per_class"])[:4] == [c["name"] for c in CONSEP_CLASSES]
+    tp = data["throughput"]
+    assert tp["tissue_mm2_per_s"] == pytest.approx(tissue.area_mm2 / 40.0)
+    assert tp["tissue_mpx_per_s"] == pytest.approx(tissue.area_mm2 / 0.25**2 / 40.0)
+    assert tp["nuclei_per_s"] == pytest.approx(density.total / 40.0)
+    assert data["tiles"]["seconds"]["count"] == 12
+    assert {"torch", "zarr", "numpy", "python"} <= set(data["versions"])
+    assert data["model"]["params"] == 2_370_000 and data["config_checksum"] == "cd" * 32
+    assert not list(tmp_path.glob(".*.tmp"))  # written via temp files, none left behind
+    assert html_path.exists()
+
+
+def test_report_html_is_self_contained_with_four_plots(tmp_path: Path, slide_inputs, aperio_svs) -> None:
+    thumbnail, tissue, *_, density = slide_inputs
+    report = _report(slide_inputs, aperio_svs)
+    _, html_path = write_report(tmp_path, report, thumbnail=thumbnail, tissue=tissue, density=density)
+    page = html_path.read_text(encoding="utf-8")
+    assert not re.search(r"""(src|href)=["'](?!data:)""", page)  # nothing fetched from elsewhere
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(images) == 4
+    sizes = [Image.open(io.BytesIO(base64.b64decode(b))).size for b in images]
+    assert all(w > 300 and h > 150 for w, h in sizes)
+    overview = np.asarray(Image.open(io.BytesIO(base64.b64decode(images[0]))).convert("RGB"))
+    assert overview.std() > 20  # the thumbnail and overlays are drawn, not a blank canvas
+    for text in ("cmu_small_region", "epithelial", "Tissue throughput", "ab" * 32):
+        assert text in page
+
+
+def test_density_counts_where_nuclei_are(slide_inputs) -> None:
+    _, tissue, width, height, slide_mpp, density = slide_inputs
+    assert density.counts.shape[1:] == (64, round(64 * width / height))
+    # Nuclei were stamped on tissue only: cells outside the (dilated) mask hold none.
+    per_cell = density.counts.sum(axis=0)
+    ys, xs = np.nonzero(per_cell)
+    r = np.minimum(((ys + 0.5) * density.cell / tissue.downsample_y).astype(int), tissue.mask.shape[0] - 1)
+    c = np.minimum(((xs + 0.5) * density.cell / tissue.downsample_x).astype(int), tissue.mask.shape[1] - 1)
+    assert tissue.mask[r, c].mean() > 0.8
+    assert density.per_mm2().sum() * density.cell_mm2 == pytest.approx(density.total)
+
+
+def test_report_without_thumbnail_or_nuclei_still_renders(slide_inputs, aperio_svs) -> None:
+    report = _report(slide_inputs, aperio_svs)
+    report.nuclei_per_class = per_class_counts({}, CONSEP_CLASSES)
+    report.tile_seconds = []
+    report.wall_seconds = 0.0
+    page = render_html(report)
+    assert page.count("data:image/png;base64,") == 4
+    assert report.to_dict()["throughput"]["nuclei_per_s"] is None
+
+
+def test_per_class_counts_names_every_class() -> None:
+    counts = per_class_counts({2: 5, 0: 1, 3: 7}, CONSEP_CLASSES)
+    assert counts == {"other": 0, "inflammatory": 5, "epithelial": 7, "spindle-shaped": 0, "nucleus": 1}
+
+
+def test_batch_report_totals(tmp_path: Path) -> None:
+    rows = [
+        {"path": "a.svs", "status": "done", "reason": "", "seconds": 12.5, "nuclei": 1000},
+        {"path": "b.svs", "status": "failed", "reason": "cannot open", "seconds": 0.1, "nuclei": 0},
+        {"path": "c.svs", "status": "skipped", "reason": "already done", "seconds": 0.0, "nuclei": 0},
+    ]
+    path = write_batch_report(tmp_path, rows)
+    assert path.name == BATCH_REPORT_JSON
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert (data["slides"], data["done"], data["failed"], data["skipped"]) == (3, 1, 1, 1)
+    assert data["nuclei"] == 1000 and data["seconds"] == pytest.approx(12.6)
+    assert data["ok"] is False and data["rows"] == rows
+    assert json.loads(write_batch_report(tmp_path, rows[::2]).read_text())["ok"] is True

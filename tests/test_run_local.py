@@ -1,0 +1,140 @@
+"""`wsi-pipeline run` end to end on a real LocalCluster: outputs read back, and a lost worker.
+
+The slide is a 492 px crop of the pyramid sample; the model a tiny random HoVer-Net whose
+NP bias is set so it finds nuclei there (plumbing, not accuracy, is under test). Format
+details of each output are A's tests (tests/test_outputs_*.py); here the outputs of one
+real run must agree with each other and with the reports.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from wsi_pipeline.batch import DONE_MARKER, run_batch
+from wsi_pipeline.cli import main
+from wsi_pipeline.config import RunConfig
+from wsi_pipeline.data.classes import CONSEP_CLASSES
+from wsi_pipeline.engine.model import ChannelSpec, HoVerNet
+from wsi_pipeline.engine.weights import save_model
+from wsi_pipeline.slide import open_slide
+from wsi_pipeline.slide.pyramid import write_pyramid
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "sample_slides" / "CMU-1-Small-Region-pyramid.tif"
+
+
+def plumbing_model(path: Path, slide: Path) -> Path:
+    """A tiny random HoVer-Net whose NP bias is set so that about half the pixels of
+    ``slide`` read as nucleus (random weights alone often find none)."""
+    torch.manual_seed(1)
+    model = HoVerNet("fast", 5, ChannelSpec.scaled(0.0625, "fast", round_to=4)).eval()
+    with open_slide(slide) as s:
+        patch = torch.from_numpy(s.read_region_at(0, 0, 256, 256, 0.25)).permute(2, 0, 1)[None].float()
+    with torch.inference_mode():
+        logits = model(patch)["np"][0]
+        model.decoder.np.u0.conv.bias[1] -= (logits[1] - logits[0]).median()
+    return save_model(model, path, meta={"name": "plumbing", "classes": CONSEP_CLASSES, "mpp": 0.25})
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("run_assets")
+    with open_slide(SAMPLE) as source:
+        write_pyramid(source, folder / "crop.tif", region=(1000, 1000, 492, 492))
+    return {"model": plumbing_model(folder / "tiny.safetensors", folder / "crop.tif"), "slide": folder / "crop.tif"}
+
+
+def geojson_features(path: Path) -> list[dict]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return json.load(f)["features"]
+
+
+def test_cli_run_on_a_local_cluster(tmp_path: Path, assets: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    out, dask_report = tmp_path / "out", tmp_path / "dask-report.html"
+    argv = ["run", str(assets["slide"]), "--out", str(out), "--model", str(assets["model"])]
+    argv += ["--tile-size", "328", "--margin", "0", "--workers", "1", "--threads-per-worker", "2"]
+    argv += ["--geojson", "plain", "--dask-report", str(dask_report), "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    folder = out / "crop"
+    assert f"{folder}/report.html" in printed and f"{out / 'process_list.csv'}" in printed
+    assert "1 worker(s) x 2 thread(s), 1 torch thread(s)" in printed
+
+    report = json.loads((folder / "report.json").read_text())
+    total = report["nuclei"]["total"]
+    assert total > 0 and report["tiles"]["processed"] == 4 and report["tiles"]["margin"] == 0
+    assert set(report["tiles"]["seconds"]) >= {"count", "mean", "max"} and report["tiles"]["seconds"]["count"] == 4
+
+    features = geojson_features(folder / "crop.geojson")
+    store = zarr.open_group(folder / "crop.zarr", mode="r")
+    table_ids = np.asarray(store["tables/nuclei/label_id"][:])
+    label_ids = np.unique(np.asarray(store["labels/nuclei/0"][:]))
+    label_ids = label_ids[label_ids > 0]
+    assert len(features) == len(table_ids) == len(label_ids) == total
+    assert sorted(f["properties"]["label_id"] for f in features) == sorted(table_ids.tolist()) == label_ids.tolist()
+    assert label_ids.tolist() == list(range(1, total + 1))  # global ids 1..N
+    assert len({f["id"] for f in features}) == total  # one UUID per nucleus
+
+    with (out / "process_list.csv").open(newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert (row["status"], int(row["nuclei"]), row["reason"]) == ("done", total, "")
+    assert json.loads((folder / DONE_MARKER).read_text())["nuclei"] == total
+    assert dask_report.read_text().lstrip().lower().startswith("<!doctype html")
+    assert sorted(p.name for p in out.iterdir()) == ["batch_report.json", "crop", "process_list.csv"]
+
+
+def test_without_a_default_model_the_run_says_what_to_do(
+    tmp_path: Path, assets: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setenv("WSI_PIPELINE_MODELS", str(tmp_path / "no-models"))
+    (tmp_path / "no-models").mkdir()
+    assert main(["run", str(assets["slide"]), "--out", str(tmp_path / "out")]) == 2
+    assert "no default model is set" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def nuclei_table(folder: Path) -> dict[str, np.ndarray]:
+    store = zarr.open_group(folder / f"{folder.name}.zarr", mode="r")
+    return {name: np.asarray(store[f"tables/nuclei/{name}"][:]) for name in ("label_id", "centroid", "type", "area")}
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_slide_costs_only_its_tiles(tmp_path: Path, assets: dict[str, Path]) -> None:
+    """Kill the worker process that delivered the first tile while others are in flight:
+    Dask reruns its tiles elsewhere and the nuclei equal an undisturbed run's."""
+    settings = {"model": str(assets["model"]), "tile_size": 164, "workers": 2, "threads_per_worker": 1}
+    config = RunConfig(progress=False, **settings)  # default margin: every tile reads the whole crop
+    calm = run_batch([assets["slide"]], tmp_path / "calm", config)
+    assert calm.exit_code == 0
+
+    killed: list[int] = []
+
+    def kill_first_worker(result) -> None:
+        if not killed:
+            pid = int(result.worker.rsplit(":", 1)[1])
+            assert pid != os.getpid()
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    hurt = run_batch([assets["slide"]], tmp_path / "hurt", config, on_tile=kill_first_worker)
+    assert killed and hurt.exit_code == 0
+    report = json.loads((tmp_path / "hurt" / "crop" / "report.json").read_text())
+    assert report["tiles"]["processed"] == 9
+    a, b = nuclei_table(tmp_path / "calm" / "crop"), nuclei_table(tmp_path / "hurt" / "crop")
+    assert len(a["label_id"]) == calm.outcomes[0].nuclei > 0
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    calm_labels = zarr.open_group(tmp_path / "calm" / "crop" / "crop.zarr", mode="r")["labels/nuclei/0"][:]
+    hurt_labels = zarr.open_group(tmp_path / "hurt" / "crop" / "crop.zarr", mode="r")["labels/nuclei/0"][:]
+    np.testing.assert_array_equal(calm_labels, hurt_labels)

@@ -1,0 +1,116 @@
+"""``wsi-pipeline run INPUT... --out DIR``: segment and classify the nuclei of every slide.
+
+INPUT is slide files, folders (searched recursively) or CSV files with a ``path``
+column. Every option can also be set in a YAML file (``--config``); the command line
+wins over the file. Per slide the outputs land in ``DIR/<stem>/`` (GeoJSON for QuPath,
+OME-Zarr labels and table, report.json/html); ``DIR/process_list.csv`` and
+``DIR/batch_report.json`` summarise the batch. Rerunning skips the slides already done
+with the same model and settings. Exit code: 0 when every slide is done or skipped,
+1 when any failed, 2 for a problem of the whole run (bad option, model, input).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from wsi_pipeline.config import SCHEDULER_ENV, load_run_config, option_names
+
+
+def _bf16(text: str) -> bool | str:
+    value = text.strip().lower()
+    if value in ("auto",):
+        return "auto"
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected auto, true or false, got {text!r}")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="segment and classify nuclei in slides (Dask-scheduled tiles -> GeoJSON, OME-Zarr, reports)",
+        description="Segment and classify the nuclei of every slide. INPUT: slide files, folders (searched "
+        "recursively) or CSV files with a 'path' column. Options can also come from a YAML file (--config); "
+        "the command line wins. Outputs per slide in DIR/<stem>/ (GeoJSON, OME-Zarr, report.json/html), "
+        "plus DIR/process_list.csv and DIR/batch_report.json. A rerun skips slides done with the same model "
+        "and settings. Exit code 0 if every slide is done or skipped, 1 if any failed, 2 for a bad option, "
+        "model or input.",
+    )
+    # Every option defaults to None ("not given") so a --config file can supply it.
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="slide files, folders of slides, or CSV files")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--config", metavar="YAML", default=None, help="YAML file of options (keys as below)")
+    model = parser.add_argument_group("model and tiles")
+    model.add_argument(
+        "--model", metavar="NAME|PATH", help="shipped model name or checkpoint (default: the shipped default)"
+    )
+    model.add_argument("--tile-size", type=int, metavar="PX", help="tile core side in px at the model's µm/px (1312)")
+    model.add_argument("--margin", type=int, metavar="PX", help="context around each tile in px (default: derived)")
+    model.add_argument("--batch-size", type=int, metavar="N", help="patches per forward pass (4)")
+    model.add_argument("--device", metavar="DEV", help="torch device: cpu, cuda or cuda:N (cpu)")
+    model.add_argument("--bf16", type=_bf16, metavar="auto|true|false", help="bf16 autocast (false)")
+    model.add_argument("--mpp", type=float, metavar="UM", help="slide level-0 µm/px, overriding its metadata")
+    model.add_argument("--target-mpp", type=float, metavar="UM", help="inference µm/px (default: the model's)")
+    model.add_argument("--backend", choices=("auto", "openslide", "tiffslide"), help="slide reader (auto)")
+    dask = parser.add_argument_group("scheduling (Dask)")
+    dask.add_argument("--workers", type=int, metavar="N", help="local workers (default: one per core)")
+    dask.add_argument("--threads-per-worker", type=int, metavar="N", help="threads per local worker (1)")
+    dask.add_argument(
+        "--scheduler",
+        metavar="ADDR",
+        help=f"use an existing Dask scheduler, e.g. tcp://host:8786 (or ${SCHEDULER_ENV})",
+    )
+    dask.add_argument(
+        "--cluster", choices=("local", "slurm", "pbs"), help="cluster to start (local; needs dask-jobqueue)"
+    )
+    dask.add_argument("--max-in-flight", type=int, metavar="N", help="tiles in flight per slide (2 x worker threads)")
+    dask.add_argument("--retries", type=int, metavar="N", help="retries of a failed tile (2)")
+    dask.add_argument("--dask-report", metavar="FILE", help="write Dask's performance report (HTML)")
+    out = parser.add_argument_group("outputs")
+    out.add_argument("--overwrite", action="store_true", default=None, help="redo slides that are already done")
+    out.add_argument("--geojson", choices=("plain", "gz"), help="GeoJSON file: gz (default) or plain")
+    out.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
+    parser.set_defaults(func=run)
+
+
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    """The RunConfig options given on the command line (every option has a flag of its name)."""
+    return {name: getattr(args, name) for name in option_names() if getattr(args, name, None) is not None}
+
+
+def run(args: argparse.Namespace) -> int:
+    from wsi_pipeline.batch import SlideOutcome, run_batch
+
+    config = load_run_config(args.config, _given(args))
+    if not getattr(args, "debug", False):
+        # Dask logs every worker start and stop at INFO; the progress bars say what matters.
+        logging.getLogger("distributed").setLevel(logging.WARNING)
+
+    def report(outcome: SlideOutcome) -> None:
+        nuclei = "" if outcome.nuclei is None else f"{outcome.nuclei} nuclei, "
+        where = f" -> {outcome.out_dir}" if outcome.out_dir else ""
+        reason = f": {outcome.reason}" if outcome.reason else ""
+        print(f"{outcome.status:7s} {outcome.name} ({nuclei}{outcome.seconds:.1f} s){where}{reason}", flush=True)
+
+    summary = run_batch(args.inputs, args.out, config, on_slide=report)
+    counts = summary.counts()
+    print(
+        f"{len(summary.outcomes)} slide(s): {counts['done']} done, {counts['skipped']} skipped, "
+        f"{counts['failed']} failed in {summary.seconds:.1f} s ({summary.cluster})"
+    )
+    print(f"outputs: {summary.out}/<slide>/ (GeoJSON, OME-Zarr, report.json, report.html)")
+    for outcome in summary.outcomes:
+        if outcome.out_dir:
+            print(f"  {outcome.name}: {outcome.out_dir}/report.html")
+    print(f"process list: {summary.process_list}")
+    print(f"batch report: {summary.batch_report}")
+    if config.dask_report is not None:
+        print(f"Dask performance report: {config.dask_report}")
+    if summary.exit_code:
+        print(f"{counts['failed']} slide(s) failed: see the reasons in {summary.process_list}", file=sys.stderr)
+    return summary.exit_code

@@ -1,0 +1,215 @@
+"""The options of ``wsi-pipeline run``, validated in one place.
+
+Options come from three sources, later ones winning: the defaults below, a YAML file
+(``--config``), the command line. The YAML keys are the option names with ``_`` or
+``-`` (``tile_size`` or ``tile-size``), so a line copied from the shell works in the file.
+``DASK_SCHEDULER_ADDRESS`` stands in for ``scheduler`` when neither source sets it, the
+same variable Dask itself reads.
+
+Every invalid value becomes a :class:`~wsi_pipeline.errors.ConfigError` naming the file
+(or "command line") and the option, so a typo in a 30-line YAML is found at once rather
+than hours into a batch.
+
+Only some options change what a run computes (:data:`RESULT_OPTIONS`); the rest say how
+it is scheduled. The checksum used to decide whether a slide is already done covers the
+first group only, so rerunning a batch with more workers does not redo finished slides.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from wsi_pipeline.errors import ConfigError
+
+SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"
+CLI_SOURCE = "command line"
+
+# The options that change the outputs; scheduling options (workers, scheduler...) and the
+# batch size do not. The model is compared by its file checksum, not by how it was named.
+RESULT_OPTIONS = ("tile_size", "margin", "device", "bf16", "mpp", "target_mpp", "backend", "geojson")
+
+
+class RunConfig(BaseModel):
+    """Every option of ``wsi-pipeline run`` (inputs and output folder aside).
+
+    ``None`` means "derived at run time": the default model from the registry, the margin
+    from the model and post-processing reach, the worker layout from the machine, the
+    inference µm/px from the checkpoint, the in-flight bound from the worker threads, the
+    tile size from the model's output patch (see :func:`wsi_pipeline.batch.default_tile_size`).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    model: str | None = Field(None, description="shipped model name or checkpoint path (default: the registry's)")
+    tile_size: int | None = Field(
+        None, ge=128, le=16384, description="tile core side in px at the inference µm/px (default: derived)"
+    )
+    margin: int | None = Field(None, ge=0, le=4096, description="context on each tile side in px (default: derived)")
+    batch_size: int = Field(4, ge=1, le=1024, description="patches per model forward pass")
+    device: str = Field("cpu", description="torch device: cpu, cuda or cuda:N")
+    bf16: bool | Literal["auto"] = Field(False, description="bf16 autocast: true, false or auto (where native)")
+    workers: int | None = Field(None, ge=1, le=4096, description="Dask workers (default: sized to the machine)")
+    threads_per_worker: int | None = Field(None, ge=1, le=1024, description="threads per Dask worker")
+    scheduler: str | None = Field(None, description="address of an existing Dask scheduler")
+    cluster: Literal["local", "slurm", "pbs"] = Field("local", description="cluster to start without --scheduler")
+    mpp: float | None = Field(None, gt=0, le=1000, description="slide level-0 µm/px, overriding its metadata")
+    target_mpp: float | None = Field(None, gt=0, le=1000, description="inference µm/px (default: the model's)")
+    backend: Literal["auto", "openslide", "tiffslide"] = Field("auto", description="slide reader")
+    overwrite: bool = Field(False, description="redo slides whose outputs exist")
+    geojson: Literal["plain", "gz"] = Field("gz", description="GeoJSON compression")
+    dask_report: Path | None = Field(None, description="write Dask's performance report (HTML) here")
+    max_in_flight: int | None = Field(None, ge=1, le=100_000, description="tiles in flight per slide")
+    retries: int = Field(2, ge=0, le=100, description="retries of a failed tile task")
+    progress: bool = Field(True, description="progress bar per slide")
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        base, _, index = value.partition(":")
+        if base not in ("cpu", "cuda") or (index and not index.isdigit()) or (base == "cpu" and index):
+            raise ValueError(f"{value!r} is not a device: use cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("scheduler")
+    @classmethod
+    def _check_scheduler(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip()
+        if not value:
+            return None
+        if "://" not in value and ":" not in value:
+            raise ValueError(f"{value!r} is not a scheduler address: give e.g. tcp://10.0.0.5:8786")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("is empty: give a shipped model name or a checkpoint path")
+        return value
+
+    def result_settings(self) -> dict[str, Any]:
+        """The options that change the outputs, JSON-ready."""
+        data = self.model_dump(mode="json")
+        return {key: data[key] for key in RESULT_OPTIONS}
+
+
+def option_names() -> list[str]:
+    """Every option name RunConfig accepts (underscore form)."""
+    return list(RunConfig.model_fields)
+
+
+def _normalise_keys(data: Mapping[str, Any], source: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    known = option_names()
+    for raw_key, value in data.items():
+        if not isinstance(raw_key, str):
+            raise ConfigError(source, f"option names must be text, got {raw_key!r}", f"use one of: {', '.join(known)}")
+        key = raw_key.strip().replace("-", "_")
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(source, f"unknown option '{raw_key}'", f"{hint}known options: {', '.join(known)}")
+        if key in out:
+            raise ConfigError(source, f"option '{key}' is given twice (as '-' and '_' spellings)", "keep one")
+        out[key] = value
+    return out
+
+
+def read_yaml_options(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The options of a YAML config file, keys normalised, not yet validated."""
+    path = Path(path)
+    if not path.is_file():
+        problem = "is a folder, not a YAML file" if path.is_dir() else "does not exist"
+        raise ConfigError(path, problem, "pass --config with the path of a YAML file of run options")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(path, f"is not valid YAML ({exc})".replace("\n", " "), "fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            path, f"holds a {type(data).__name__}, not a mapping of options", "write one 'option: value' per line"
+        )
+    return _normalise_keys(data, str(path))
+
+
+def _validation_problem(exc: ValidationError, origin: Mapping[str, str]) -> ConfigError:
+    """The first invalid option as a ConfigError naming its source (file, command line or
+    environment variable), the option, the value given and what is allowed."""
+    errors = exc.errors()
+    option = str(errors[0]["loc"][0]) if errors[0]["loc"] else "?"
+    # A union type (bf16: bool | "auto") reports one error per alternative: say them all.
+    messages = []
+    for error in errors:
+        if error["loc"] and str(error["loc"][0]) == option:
+            message = str(error["msg"]).removeprefix("Value error, ")
+            if message not in messages:
+                messages.append(message)
+    given = errors[0].get("input")
+    source = origin.get(option, CLI_SOURCE)
+    field = RunConfig.model_fields.get(option)
+    meaning = f" ({field.description})" if field is not None and field.description else ""
+    name = f"--{option.replace('_', '-')}" if source == CLI_SOURCE else f"'{option}'"
+    return ConfigError(
+        source,
+        f"option {name} = {given!r} is invalid: {'; or '.join(messages)}",
+        f"give {name}{meaning} a valid value",
+    )
+
+
+def load_run_config(
+    config_file: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> RunConfig:
+    """Build the run configuration: defaults < YAML file < ``overrides`` (the command line).
+
+    ``overrides`` holds only the options the user actually gave (``None`` values are
+    ignored, so argparse defaults of ``None`` mean "not given"). ``environ`` (default
+    ``os.environ``) supplies ``DASK_SCHEDULER_ADDRESS`` when no scheduler is set.
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    if config_file is not None:
+        for key, value in read_yaml_options(config_file).items():
+            values[key] = value
+            origin[key] = str(config_file)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    for key, value in _normalise_keys(given, CLI_SOURCE).items():
+        values[key] = value
+        origin[key] = CLI_SOURCE
+    if values.get("scheduler") is None and environ.get(SCHEDULER_ENV):
+        values["scheduler"] = environ[SCHEDULER_ENV]
+        origin["scheduler"] = f"environment variable {SCHEDULER_ENV}"
+    try:
+        return RunConfig(**values)
+    except ValidationError as exc:
+        raise _validation_problem(exc, origin) from None
+
+
+def checksum(data: Any) -> str:
+    """SHA-256 of a JSON-ready value, keys sorted: equal settings give equal sums."""
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def file_checksum(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes (a model checkpoint), read in chunks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

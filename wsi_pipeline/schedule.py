@@ -1,0 +1,291 @@
+"""Dask: which cluster runs the tiles, and how tiles stream through it.
+
+The cluster is a ``distributed.LocalCluster`` sized to the machine unless the user names
+an existing scheduler (``--scheduler`` / ``DASK_SCHEDULER_ADDRESS``) or asks dask-jobqueue
+for a SLURM/PBS one. Tasks carry a :class:`~wsi_pipeline.worker.TileTask` (slide path,
+tile coordinates, model path, settings), never a slide handle or a model: handles hold
+native resources that do not pickle, and a model per task would be shipped thousands of
+times. Each worker process opens slides itself and loads the model once
+(:func:`wsi_pipeline.worker.process_tile` keeps a per-process cache).
+
+:func:`stream_tiles` keeps at most ``max_in_flight`` tiles between submission and the
+stitcher (counting the results the stitcher still holds), so memory does not grow with
+the slide; results are handed over as they complete (``as_completed``), and a task whose
+worker dies is recomputed elsewhere (Dask reschedules it; ``retries`` also reruns one that
+raised), so a lost worker costs only its tiles.
+
+Default layout (``benchmarks/worker_layout.py``, measured on this project's 2-core
+machine, see :data:`LAYOUT_MEASUREMENT`): one single-threaded worker process per core.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from wsi_pipeline.config import RunConfig
+from wsi_pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+    from wsi_pipeline.worker import TileResult, TileTask
+
+log = logging.getLogger(__name__)
+
+# Where the default layout comes from: `python benchmarks/worker_layout.py` on the
+# 2-core development machine (tiles/s, higher is better; see its JSON for details).
+LAYOUT_MEASUREMENT = "benchmarks/results/worker_layout.json"
+WORKER_WAIT_S = 120.0
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Dask workers (processes) and threads in each; ``torch_threads`` is the intra-op
+    thread count each task sets, so threads x torch_threads never oversubscribes cores."""
+
+    workers: int
+    threads_per_worker: int
+    torch_threads: int = 1
+
+    @property
+    def total_threads(self) -> int:
+        return self.workers * self.threads_per_worker
+
+
+def machine_cpus() -> int:
+    """Cores this process may use (the affinity mask, which containers and batch systems set)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def local_layout(config: RunConfig, cpus: int | None = None) -> Layout:
+    """The LocalCluster layout for ``config`` on a machine with ``cpus`` cores.
+
+    Without a choice from the user: one worker process per core, one thread each (the
+    measured winner: processes avoid the GIL held by parts of post-processing). Given only
+    ``--workers``, the cores are split between them; given only ``--threads-per-worker``,
+    as many workers as fit. torch gets the cores left to each task.
+    """
+    cpus = machine_cpus() if cpus is None else cpus
+    workers, threads = config.workers, config.threads_per_worker
+    if workers is None and threads is None:
+        workers, threads = cpus, 1
+    elif workers is None:
+        assert threads is not None
+        workers = max(1, cpus // threads)
+    elif threads is None:
+        threads = max(1, cpus // workers)
+    torch_threads = max(1, cpus // (workers * threads))
+    return Layout(workers, threads, torch_threads)
+
+
+def _start_jobqueue(config: RunConfig) -> Any:
+    """A SLURM or PBS cluster from dask-jobqueue, scaled to ``--workers`` jobs' workers."""
+    try:
+        import dask_jobqueue
+    except ImportError:
+        raise ConfigError(
+            None,
+            f"--cluster {config.cluster} needs the dask-jobqueue package, which is not installed",
+            "pip install dask-jobqueue (and describe your queue in ~/.config/dask/jobqueue.yaml), "
+            "or use --scheduler ADDR with a cluster you started yourself",
+        ) from None
+    cls = {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster}[config.cluster]
+    kwargs: dict[str, Any] = {}
+    if config.threads_per_worker is not None:
+        kwargs.update(cores=config.threads_per_worker, processes=1)
+    try:
+        cluster = cls(**kwargs)
+    except ValueError as exc:  # jobqueue's way to say cores/memory are not configured
+        raise ConfigError(
+            None,
+            f"dask-jobqueue could not set up the {config.cluster} cluster ({exc})",
+            f"describe the queue (cores, memory, queue...) in ~/.config/dask/jobqueue.yaml under '{config.cluster}'",
+        ) from None
+    cluster.scale(n=config.workers or 1)
+    return cluster
+
+
+def _connect_timeout() -> float:
+    """Seconds to wait for a scheduler: Dask's own setting (distributed.comm.timeouts.connect)."""
+    import dask
+    from dask.utils import parse_timedelta
+
+    return float(parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), default="s"))
+
+
+def _dashboard_address() -> str | None:
+    try:
+        import bokeh  # noqa: F401
+    except ImportError:
+        return None
+    return ":0"
+
+
+@dataclass
+class RunCluster:
+    """The client of a run, the torch threads its tasks should use, and a description."""
+
+    client: Client
+    torch_threads: int
+    description: str
+    dashboard: str | None = None
+
+
+@contextlib.contextmanager
+def open_client(config: RunConfig) -> Iterator[RunCluster]:
+    """The Dask cluster of a run: an existing scheduler, a jobqueue cluster or a LocalCluster.
+
+    Closes what it started (never an existing scheduler or its workers) when the block
+    ends. Tasks on clusters we did not size use one torch thread per Dask thread, Dask's
+    own model of one core per thread.
+    """
+    from distributed import Client, LocalCluster
+
+    if config.scheduler is not None:
+        if config.workers is not None or config.threads_per_worker is not None:
+            log.warning("--workers/--threads-per-worker are ignored with --scheduler: the cluster is sized already")
+        try:
+            client = Client(config.scheduler, timeout=_connect_timeout())
+        except OSError as exc:
+            raise ConfigError(
+                None,
+                f"cannot reach the Dask scheduler at {config.scheduler} ({exc})",
+                "check the address (tcp://HOST:PORT, as `dask scheduler` prints it) and that it is running, "
+                "or leave out --scheduler (and DASK_SCHEDULER_ADDRESS) to use a local cluster",
+            ) from None
+        try:
+            client.wait_for_workers(1, timeout=WORKER_WAIT_S)
+        except TimeoutError:
+            client.close()
+            raise ConfigError(
+                None,
+                f"the Dask scheduler at {config.scheduler} has no workers after {WORKER_WAIT_S:.0f} s",
+                "start workers with `dask worker ADDRESS`",
+            ) from None
+        try:
+            yield RunCluster(client, 1, f"scheduler {config.scheduler}", client.dashboard_link)
+        finally:
+            client.close()
+        return
+    if config.cluster != "local":
+        cluster = _start_jobqueue(config)
+        torch_threads, description = 1, f"{config.cluster} cluster via dask-jobqueue"
+    else:
+        layout = local_layout(config)
+        cluster = LocalCluster(
+            n_workers=layout.workers,
+            threads_per_worker=layout.threads_per_worker,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=_dashboard_address(),
+            silence_logs=logging.ERROR,
+        )
+        torch_threads = layout.torch_threads
+        description = (
+            f"local cluster: {layout.workers} worker(s) x {layout.threads_per_worker} thread(s), "
+            f"{layout.torch_threads} torch thread(s) per task"
+        )
+    try:
+        client = Client(cluster)
+        try:
+            if config.cluster != "local":
+                client.wait_for_workers(1, timeout=None)
+            dashboard = client.dashboard_link if _dashboard_address() else None
+            yield RunCluster(client, torch_threads, description, dashboard)
+        finally:
+            client.close()
+    finally:
+        cluster.close()
+
+
+def cluster_threads(client: Client) -> int:
+    """Total worker threads the scheduler knows of now (at least 1)."""
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    return max(1, sum(int(info.get("nthreads", 1)) for info in workers.values()))
+
+
+@contextlib.contextmanager
+def performance_report(path: Path | None) -> Iterator[None]:
+    """Dask's performance report (HTML) of everything inside the block, when ``path`` is set."""
+    if path is None:
+        yield
+        return
+    try:
+        import bokeh  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            path, "--dask-report needs the bokeh package, which is not installed", "pip install bokeh"
+        ) from None
+    from distributed import performance_report as dask_report
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with dask_report(filename=str(path)):
+        yield
+
+
+def stream_tiles(
+    client: Client,
+    tasks: Iterable[TileTask],
+    consume: Callable[[TileResult], None],
+    *,
+    max_in_flight: int,
+    held: Callable[[], int] = lambda: 0,
+    retries: int = 2,
+    fn: Callable[[Any], Any] | None = None,
+) -> None:
+    """Run ``fn`` (default :func:`~wsi_pipeline.worker.process_tile`) on every task and
+    hand each result to ``consume`` as it completes.
+
+    At most ``max_in_flight`` tiles are submitted-or-held at once, where ``held()`` is the
+    number of results the consumer still buffers (the stitcher's reorder buffer): memory
+    stays bounded however large the slide. At least one task is always in flight, so a
+    consumer holding many results cannot stall the stream. Tasks are submitted in order,
+    so the earliest missing tile is always the oldest in flight. On any error the
+    remaining tasks are cancelled and the error propagates.
+    """
+    from distributed import as_completed
+
+    if fn is None:
+        from wsi_pipeline.worker import process_tile as fn
+    if max_in_flight < 1:
+        raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+    name = getattr(fn, "__name__", "task").replace("_", "-")
+    run_id = uuid.uuid4().hex[:12]
+    todo = enumerate(tasks)
+    running = as_completed()
+    live: set[Any] = set()
+    exhausted = False
+
+    def submit_more() -> None:
+        nonlocal exhausted
+        while not exhausted and (not live or len(live) + held() < max_in_flight):
+            item = next(todo, None)
+            if item is None:
+                exhausted = True
+                return
+            future = client.submit(fn, item[1], key=f"{name}-{run_id}-{item[0]}", retries=retries, pure=False)
+            live.add(future)
+            running.add(future)
+
+    try:
+        submit_more()
+        while live:
+            future = next(running)
+            live.discard(future)
+            result = future.result()
+            future.release()
+            consume(result)
+            submit_more()
+    finally:
+        if live:
+            client.cancel(list(live))
