@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,19 @@ def consep_train() -> Path:
 def monuseg_train() -> Path:
     """MoNuSeg train tiles: images/*.tif, annotations/*.xml, labels/*.npz."""
     return _require(SHARED_DATA / "monuseg" / "train")
+
+
+@pytest.fixture
+def torch_one_thread() -> Iterator[None]:
+    """Run the test on one torch thread, restoring the previous count afterwards.
+
+    The machine's cores are shared with other jobs; one thread keeps model-running tests
+    from oversubscribing them. torch is imported here, not at the top, so tests that never
+    touch a model do not pay for loading it.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

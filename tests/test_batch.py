@@ -55,9 +55,14 @@ def plumbing_model(path: Path, slide: Path) -> Path:
     model = HoVerNet("fast", 5, ChannelSpec.scaled(0.0625, "fast", round_to=4)).eval()
     with open_slide(slide) as s:
         patch = torch.from_numpy(s.read_region_at(0, 0, 256, 256, 0.25)).permute(2, 0, 1)[None].float()
-    with torch.inference_mode():
-        logits = model(patch)["np"][0]
-        model.decoder.np.u0.conv.bias[1] -= (logits[1] - logits[0]).median()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            logits = model(patch)["np"][0]
+            model.decoder.np.u0.conv.bias[1] -= (logits[1] - logits[0]).median()
+    finally:
+        torch.set_num_threads(threads)
     return save_model(model, path, meta={"name": "plumbing", "classes": CONSEP_CLASSES, "mpp": 0.25})
 
 

@@ -178,3 +178,21 @@ def test_score_images_without_types_leaves_type_metrics_empty() -> None:
 def test_score_images_refuses_mismatched_sizes_naming_the_image() -> None:
     with pytest.raises(DataError, match="slide_7"):
         metrics.score_images([("slide_7", two_nuclei(), None, np.zeros((30, 41), np.int32), None)])
+
+
+def test_mixed_typed_and_untyped_images_still_report_types() -> None:
+    """A dev split mixing CoNSeP (typed) and MoNuSeg (instances only) keeps its type metrics."""
+    from wsi_pipeline.metrics import score_images
+
+    inst = np.zeros((40, 40), np.int32)
+    inst[5:15, 5:15] = 1
+    inst[25:35, 25:35] = 2
+    types = np.where(inst == 1, 2, np.where(inst == 2, 3, 0)).astype(np.uint8)
+    wrong = np.where(inst > 0, 2, 0).astype(np.uint8)
+    result = score_images([("typed", inst, types, inst, wrong), ("untyped", inst, None, inst, None)])
+    assert result["n_images"] == 2 and result["n_typed_images"] == 1
+    assert result["type_accuracy"] == pytest.approx(0.5)
+    assert result["f1_detection"] == pytest.approx(1.0)
+    assert result["detection"]["tp"] == 4
+    only_untyped = score_images([("untyped", inst, None, inst, None)])
+    assert only_untyped["type_accuracy"] is None and only_untyped["mpq"] is None

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from _helpers import ArrayLabels
 from PIL import Image
 from skimage.segmentation import relabel_sequential
 
@@ -289,21 +290,6 @@ def test_a_slide_without_nuclei_closes_cleanly(tmp_path: Path) -> None:
     assert not root[f"labels/{LABELS}/2"][:].any()
 
 
-class _ArrayLabels:
-    """The LabelSink contract on a numpy array: the reference the store must match."""
-
-    def __init__(self, shape: tuple[int, int]) -> None:
-        self.array = np.zeros(shape, dtype=np.int32)
-
-    def write_core(self, u0: int, v0: int, labels: np.ndarray) -> None:
-        self.array[v0 : v0 + labels.shape[0], u0 : u0 + labels.shape[1]] = labels
-
-    def merge(self, u0: int, v0: int, labels: np.ndarray) -> None:
-        region = self.array[v0 : v0 + labels.shape[0], u0 : u0 + labels.shape[1]]
-        fill = (labels > 0) & (region == 0)
-        region[fill] = labels[fill]
-
-
 def test_the_real_stitcher_feeds_both_outputs(tmp_path: Path, consep_train: Path, mosaic) -> None:
     """End to end below the scheduler: a pyramidal TIFF of the CoNSeP mosaic, tiles run
     by the worker with ground-truth maps (a real alternative engine), results stitched in
@@ -350,7 +336,7 @@ def test_the_real_stitcher_feeds_both_outputs(tmp_path: Path, consep_train: Path
     assert len(table_ids) == features == stats.nuclei > 400
     # Pixel for pixel what the LabelSink contract defines (write_core overwrites, merge
     # fills background), replayed on a numpy array from a second stitcher.
-    reference = _ArrayLabels((512, 512))
+    reference = ArrayLabels((512, 512))
     replay = Stitcher(tiles, reference, [], "mosaic", "checksum")
     for result in results:
         replay.add(result)

@@ -30,26 +30,18 @@ def _last_json(text: str) -> dict:
     return json.loads(text.strip().splitlines()[-1])
 
 
+def _prune(parent: Path, out: Path, options: str, *paths: str) -> int:
+    """Exit code of ``wsi-pipeline prune PARENT OPTIONS PATHS --out OUT``.
+
+    ``options`` is split on spaces as a shell would; ``paths`` (e.g. ``--finetune``, DIR)
+    are passed unsplit because temporary folders may contain spaces.
+    """
+    return main(["prune", str(parent), *options.split(), *paths, "--out", str(out)])
+
+
 def test_structured_prune_writes_a_smaller_loadable_model(parent_path: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "tiny-l1.safetensors"
-    code = main(
-        [
-            "prune",
-            str(parent_path),
-            "--method",
-            "l1",
-            "--ratio",
-            "0.5",
-            "--round-to",
-            "4",
-            "--latency-iters",
-            "1",
-            "--threads",
-            "1",
-            "--out",
-            str(out),
-        ]
-    )
+    code = _prune(parent_path, out, "--method l1 --ratio 0.5 --round-to 4 --latency-iters 1 --threads 1")
     printed = capsys.readouterr().out
     assert code == 0
     for label in ("parameters", "GMAC / patch", "latency fp32, batch 4", "latency bf16, batch 4"):
@@ -67,20 +59,7 @@ def test_structured_prune_writes_a_smaller_loadable_model(parent_path: Path, tmp
 
 def test_unstructured_prune_reports_sparsity_and_storage(parent_path: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "tiny-ug"
-    code = main(
-        [
-            "prune",
-            str(parent_path),
-            "--method",
-            "unstructured-global",
-            "--ratio",
-            "0.9",
-            "--latency-iters",
-            "0",
-            "--out",
-            str(out),
-        ]
-    )
+    code = _prune(parent_path, out, "--method unstructured-global --ratio 0.9 --latency-iters 0")
     printed = capsys.readouterr().out
     assert code == 0
     assert "sparsity: 0.9000 of conv weights" in printed and "sparse bitmask+values" in printed
@@ -96,30 +75,8 @@ def test_fine_tuning_from_the_command_line(parent_path: Path, consep_train: Path
         for name in ("train_1_003", "train_2_005", "train_10_001"):  # train_10 is a dev tile: held out
             shutil.copy(consep_train / sub / f"{name}{suffix}", data / sub / f"{name}{suffix}")
     out = tmp_path / "tiny-l2-ft.safetensors"
-    code = main(
-        [
-            "prune",
-            str(parent_path),
-            "--method",
-            "l2",
-            "--ratio",
-            "0.3",
-            "--round-to",
-            "4",
-            "--finetune",
-            str(data),
-            "--epochs",
-            "1",
-            "--batch-size",
-            "2",
-            "--threads",
-            "1",
-            "--latency-iters",
-            "0",
-            "--out",
-            str(out),
-        ]
-    )
+    options = "--method l2 --ratio 0.3 --round-to 4 --epochs 1 --batch-size 2 --threads 1 --latency-iters 0"
+    code = _prune(parent_path, out, options, "--finetune", str(data))
     assert code == 0
     finetune = load_model(out).meta["lineage"]["finetune"]
     assert finetune["samples"] == 2 and finetune["optimizer_steps"] == 1
@@ -129,12 +86,12 @@ def test_fine_tuning_from_the_command_line(parent_path: Path, consep_train: Path
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--method", "l1", "--ratio", "0.5", "--epochs", "2"], "without --finetune"),
-        (["--method", "l1", "--ratio", "0", "--latency-iters", "0"], "between 0 and 1"),
-        (["--method", "imp", "--ratio", "0.5", "--schedule", "oneshot", "--steps", "3"], "one-shot"),
+        ("--method l1 --ratio 0.5 --epochs 2", "without --finetune"),
+        ("--method l1 --ratio 0 --latency-iters 0", "between 0 and 1"),
+        ("--method imp --ratio 0.5 --schedule oneshot --steps 3", "one-shot"),
     ],
 )
 def test_user_errors_exit_2_with_a_message(parent_path: Path, tmp_path: Path, capsys, extra, message) -> None:
-    code = main(["prune", str(parent_path), *extra, "--out", str(tmp_path / "x.safetensors")])
+    code = _prune(parent_path, tmp_path / "x.safetensors", extra)
     assert code == 2
     assert message in capsys.readouterr().err

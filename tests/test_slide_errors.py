@@ -51,19 +51,15 @@ def test_empty_file(tmp_path: Path, backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("fraction", [0.002, 0.5, 0.999])
-def test_truncated_aperio_slide(tmp_path: Path, backend: str, fraction: float) -> None:
-    data = SVS.read_bytes()
-    cut = tmp_path / "cut.svs"
-    cut.write_bytes(data[: int(len(data) * fraction)])
-    _raises(cut, "is truncated", "copy the slide again", backend)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("fraction", [0.3, 0.9, 0.9999])
-def test_truncated_pyramid(tmp_path: Path, backend: str, fraction: float) -> None:
-    data = PYRAMID.read_bytes()
-    cut = tmp_path / "cut.tif"
+@pytest.mark.parametrize(
+    ("source", "fraction"),
+    [(SVS, f) for f in (0.002, 0.5, 0.999)] + [(PYRAMID, f) for f in (0.3, 0.9, 0.9999)],
+    ids=lambda value: value.suffix.lstrip(".") if isinstance(value, Path) else str(value),
+)
+def test_truncated_slide(tmp_path: Path, backend: str, source: Path, fraction: float) -> None:
+    """An interrupted copy of the Aperio slide or of the pyramidal TIFF, cut at its start, middle or end."""
+    data = source.read_bytes()
+    cut = tmp_path / f"cut{source.suffix}"
     cut.write_bytes(data[: int(len(data) * fraction)])
     _raises(cut, "is truncated", "copy the slide again", backend)
 

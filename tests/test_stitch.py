@@ -26,6 +26,7 @@ import pytest
 import shapely
 import tifffile
 import torch
+from _helpers import ArrayLabels
 from skimage.segmentation import relabel_sequential
 
 from wsi_pipeline.engine.gt_maps import GroundTruthMaps
@@ -42,30 +43,10 @@ MPP = 0.25
 MARGIN = 164  # default_margin() of HoVer-Net fast at 0.25 µm/px
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 # ----------------------------------------------------------------------------- helpers
-class ArrayLabels:
-    """LabelSink over a numpy array: write_core overwrites, merge fills empty pixels."""
-
-    def __init__(self, shape: tuple[int, int]) -> None:
-        self.array = np.zeros(shape, dtype=np.int32)
-
-    def write_core(self, u0: int, v0: int, labels: np.ndarray) -> None:
-        self.array[v0 : v0 + labels.shape[0], u0 : u0 + labels.shape[1]] = labels
-
-    def merge(self, u0: int, v0: int, labels: np.ndarray) -> None:
-        region = self.array[v0 : v0 + labels.shape[0], u0 : u0 + labels.shape[1]]
-        fill = (labels > 0) & (region == 0)
-        region[fill] = labels[fill]
-
-
 class ListSink(list):
     def add(self, nucleus: SlideNucleus) -> None:
         self.append(nucleus)

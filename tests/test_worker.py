@@ -42,11 +42,9 @@ TILE = "TCGA-21-5784-01Z-00-DX1"
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread_fresh_caches(torch_one_thread):
+    """One torch thread, and caches emptied after each test so the next starts cold."""
     yield
-    torch.set_num_threads(before)
     clear_caches()
 
 

@@ -187,9 +187,11 @@ def default_tile_size(output_size: int) -> int:
     output patch nearest :data:`DEFAULT_TILE_PX` (1312 px for HoVer-Net fast).
 
     A multiple of the output size keeps the engine's patch grid aligned with the slide at
-    no cost (the worker pads otherwise). About 1300 px because on the sample slides
-    (``benchmarks/results/tile_size.json``) it needs the fewest patches: smaller tiles
-    repeat the 164 px margin more often, larger ones include more glass around the tissue.
+    no cost (the worker pads otherwise). Patches the two sample slides need with the
+    164 px default margin, by tile size (656 / 984 / 1312 / 1968 / 2624 px): 2103 / 1830 /
+    1685 / 1645 / 1689. Small tiles repeat the margin too often; from ~1300 px on the
+    count is flat (larger tiles take in more glass), while memory per tile keeps growing
+    and fewer, larger tiles leave workers idle at the end of a slide.
     """
     return max(1, round(DEFAULT_TILE_PX / output_size)) * output_size
 
@@ -377,6 +379,13 @@ def process_slide(job: SlideJob, run: SlideRun, folder: Path) -> tuple[int, dict
         thumbnail = slide.thumbnail(DEFAULT_MASK_MPP)
         tissue = tissue_mask(slide, DEFAULT_MASK_MPP, thumbnail=thumbnail)
     tissue_seconds = time.perf_counter() - started
+    if upsampled:
+        log.warning(
+            "%s: level 0 is %.3g µm/px, coarser than the model's %.3g: tiles are upsampled (no detail is added)",
+            job.path,
+            max(mpp0),
+            model.mpp,
+        )
     tiles: list[Tile] = tile_grid(width0, height0, mpp0, model.mpp, model.tile_size, model.margin, tissue)
     width_t, height_t = target_size(width0, height0, mpp0, model.mpp)
 
@@ -504,17 +513,24 @@ def _skip_reason(final: Path, run: SlideRun) -> tuple[bool, str | None, dict[str
         return False, None, marker
     if same:
         return True, None, marker
-    return (
-        False,
-        f"{final} exists from a run with another model or settings; it is kept. "
-        "Fix: pass --overwrite to replace it, or choose another --out",
-        marker,
-    )
+    what = "from a run with another model or settings" if marker else f"without {DONE_MARKER} (not made by this run)"
+    return False, f"{final} exists {what}; it is kept. Fix: pass --overwrite to replace it, or another --out", marker
 
 
 def _failure_reason(exc: BaseException) -> str:
+    """The process list's reason: the user's problem as the error says it, a lost worker
+    with the likely cause, anything else marked as a bug."""
+    from distributed import KilledWorker
+
     if isinstance(exc, WsiPipelineError):
         return str(exc)
+    if isinstance(exc, KilledWorker):
+        return (
+            f"a tile's worker died repeatedly ({exc}); usually it ran out of memory. "
+            "Fix: a smaller --tile-size, fewer --workers, or more memory per worker"
+        )
+    if isinstance(exc, OSError):
+        return f"{type(exc).__name__}: {exc}"
     return f"{type(exc).__name__}: {exc} (a bug: please report it with the log)"
 
 
@@ -555,7 +571,7 @@ def run_slide_job(job: SlideJob, run: SlideRun, out: Path) -> SlideOutcome:
         _publish(partial, final)
     except Exception as exc:
         shutil.rmtree(partial, ignore_errors=True)
-        if not isinstance(exc, WsiPipelineError):
+        if not isinstance(exc, WsiPipelineError | OSError):
             log.exception("slide %s failed", job.path)
         outcome.reason = _failure_reason(exc)
         outcome.seconds = time.perf_counter() - started

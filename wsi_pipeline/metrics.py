@@ -368,18 +368,20 @@ def score_images(items: Iterable[ScoreItem]) -> dict[str, Any]:
     ``items`` yields ``(name, true_inst, true_type | None, pred_inst,
     pred_type | None)`` and is consumed once, one image at a time. Type
     metrics (``type_accuracy``, ``f1_type``, ``mpq``, ``pq_per_type``) are
-    computed only when every image has both type maps; otherwise they are
-    None. Undefined values (e.g. both maps of an image empty) are None and are
-    left out of the means.
+    computed over the images that have both type maps (``n_typed_images``), so a
+    dev split mixing typed (CoNSeP) and instance-only (MoNuSeg) images still
+    reports classification; they are None when no image is typed. Detection F1
+    pools every image. Undefined values (e.g. both maps of an image empty) are
+    None and are left out of the means.
     """
     rows: list[dict[str, Any]] = []
     pooled: dict[str, list[np.ndarray]] = {"pt": [], "pp": [], "ut": [], "up": []}
-    typed = True
+    pooled_typed: dict[str, list[np.ndarray]] = {"pt": [], "pp": [], "ut": [], "up": []}
+    n_typed = 0
     per_class: dict[str, list[float | None]] = {}
     for name, true_inst, true_type, pred_inst, pred_type in items:
         true_inst, pred_inst = np.asarray(true_inst), np.asarray(pred_inst)
         _check_sizes(name, true_inst, true_type, pred_inst, pred_type)
-        typed = typed and true_type is not None and pred_type is not None
         ov = _overlap(true_inst, pred_inst)
         matched = _pq_pairs(ov, 0.5)
         tp = int(matched.size)
@@ -398,12 +400,15 @@ def score_images(items: Iterable[ScoreItem]) -> dict[str, Any]:
         t_xy, t_types = centroids_and_types(true_inst, true_type)
         p_xy, p_types = centroids_and_types(pred_inst, pred_type)
         pairs, un_t, un_p = pair_centroids(t_xy, p_xy)
-        pooled["pt"].append(t_types[pairs[:, 0]])
-        pooled["pp"].append(p_types[pairs[:, 1]])
-        pooled["ut"].append(t_types[un_t])
-        pooled["up"].append(p_types[un_p])
+        image_typed = true_type is not None and pred_type is not None
+        for pool in (pooled, pooled_typed) if image_typed else (pooled,):
+            pool["pt"].append(t_types[pairs[:, 0]])
+            pool["pp"].append(p_types[pairs[:, 1]])
+            pool["ut"].append(t_types[un_t])
+            pool["up"].append(p_types[un_p])
         row.update(paired=int(len(pairs)), missed=int(len(un_t)), false_positives=int(len(un_p)))
-        if true_type is not None and pred_type is not None:
+        if image_typed:
+            n_typed += 1
             class_pq = {k: _clean(v) for k, v in _class_pq(ov, t_types, p_types).items()}
             row["pq_per_type"] = class_pq
             row["mpq"] = _mean(class_pq.values())
@@ -411,17 +416,26 @@ def score_images(items: Iterable[ScoreItem]) -> dict[str, Any]:
                 per_class.setdefault(k, []).append(v)
         rows.append(row)
 
-    cat = {k: np.concatenate(v) if v else np.zeros(0, dtype=np.int64) for k, v in pooled.items()}
-    det = detection_and_type_stats(cat["pt"], cat["pp"], cat["ut"], cat["up"], typed=typed and bool(rows))
+    def _cat(pool: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+        return {k: np.concatenate(v) if v else np.zeros(0, dtype=np.int64) for k, v in pool.items()}
+
+    cat = _cat(pooled)
+    det = detection_and_type_stats(cat["pt"], cat["pp"], cat["ut"], cat["up"], typed=False)
+    typed = n_typed > 0
+    types = {"type_accuracy": None, "f1_type": None}
+    if typed:
+        tcat = _cat(pooled_typed)
+        types = detection_and_type_stats(tcat["pt"], tcat["pp"], tcat["ut"], tcat["up"], typed=True)
     result: dict[str, Any] = {
         "n_images": len(rows),
+        "n_typed_images": n_typed,
         **{k: _mean(r[k] for r in rows) for k in ("dice", "aji", "aji_plus", "dq", "sq", "pq")},
         "f1_detection": det["f1_detection"],
-        "type_accuracy": det["type_accuracy"],
-        "f1_type": det["f1_type"],
-        "mpq": _mean(r.get("mpq") for r in rows) if typed and rows else None,
+        "type_accuracy": types["type_accuracy"],
+        "f1_type": types["f1_type"],
+        "mpq": _mean(r.get("mpq") for r in rows) if typed else None,
         "pq_per_type": (
-            {k: _mean(v) for k, v in sorted(per_class.items(), key=lambda kv: int(kv[0]))} if typed and rows else None
+            {k: _mean(v) for k, v in sorted(per_class.items(), key=lambda kv: int(kv[0]))} if typed else None
         ),
         "detection": {"tp": det["tp"], "fp": det["fp"], "fn": det["fn"], "radius_px": PAIRING_RADIUS_PX},
         "images": rows,

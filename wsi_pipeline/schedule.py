@@ -14,8 +14,21 @@ the slide; results are handed over as they complete (``as_completed``), and a ta
 worker dies is recomputed elsewhere (Dask reschedules it; ``retries`` also reruns one that
 raised), so a lost worker costs only its tiles.
 
-Default layout (``benchmarks/worker_layout.py``, measured on this project's 2-core
-machine, see :data:`LAYOUT_MEASUREMENT`): one single-threaded worker process per core.
+Default layout: one single-threaded worker process per core. Measured with
+``benchmarks/worker_layout.py`` on the 2-core development machine (6 tiles of 328 px, a
+small HoVer-Net, two interleaved rounds, the machine shared with a training job, load
+average ~7; :data:`LAYOUT_MEASUREMENT`), tiles/s:
+
+    layout (workers x threads, torch threads)   round 1   round 2
+    2 x 1, torch 1                               0.164     0.305
+    1 x 2, torch 1                               0.281     0.250
+    1 x 1, torch 2                               0.069     0.093
+
+Spreading one task over the cores with torch's intra-op threads lost clearly (2-4x):
+on a busy machine its threads wait for each other. Processes and threads tied within
+the noise; processes are the default because a worker that crashes or is killed for
+memory then loses only its own tiles, and post-processing never waits for another
+task's GIL, at the cost of one model per process (~450 MB RSS per worker here).
 """
 
 from __future__ import annotations
@@ -39,8 +52,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Where the default layout comes from: `python benchmarks/worker_layout.py` on the
-# 2-core development machine (tiles/s, higher is better; see its JSON for details).
+# The measurement behind the default layout (`python benchmarks/worker_layout.py --repeat 2`).
 LAYOUT_MEASUREMENT = "benchmarks/results/worker_layout.json"
 WORKER_WAIT_S = 120.0
 
@@ -70,8 +82,8 @@ def machine_cpus() -> int:
 def local_layout(config: RunConfig, cpus: int | None = None) -> Layout:
     """The LocalCluster layout for ``config`` on a machine with ``cpus`` cores.
 
-    Without a choice from the user: one worker process per core, one thread each (the
-    measured winner: processes avoid the GIL held by parts of post-processing). Given only
+    Without a choice from the user: one worker process per core, one thread each (see
+    the module docstring for the measurement). Given only
     ``--workers``, the cores are split between them; given only ``--threads-per-worker``,
     as many workers as fit. torch gets the cores left to each task.
     """

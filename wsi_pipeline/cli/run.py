@@ -89,6 +89,9 @@ def run(args: argparse.Namespace) -> int:
     config = load_run_config(args.config, _given(args))
     if not getattr(args, "debug", False):
         # Dask logs every worker start and stop at INFO; the progress bars say what matters.
+        # (After importing distributed: its import sets its own logger levels.)
+        import distributed  # noqa: F401
+
         logging.getLogger("distributed").setLevel(logging.WARNING)
 
     def report(outcome: SlideOutcome) -> None:

@@ -18,17 +18,9 @@ import numpy as np
 import scipy.io
 
 from wsi_pipeline.data.classes import CONSEP_CLASSES, read_dataset_json
-from wsi_pipeline.data.dataset import (
-    DEFAULT_MPP,
-    LabelledDataset,
-    Sample,
-    as_label_array,
-    check_sample,
-    report_empty,
-    source_of,
-)
+from wsi_pipeline.data.dataset import DEFAULT_MPP, LabelledDataset, as_label_array, assemble_dataset, highest_type
 from wsi_pipeline.data.folder import pair_files
-from wsi_pipeline.data.images import IMAGE_SUFFIXES, read_rgb
+from wsi_pipeline.data.images import IMAGE_SUFFIXES
 from wsi_pipeline.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -87,7 +79,7 @@ def load_consep_mat(root: Path, allow_unpaired: bool = False) -> LabelledDataset
     classes: list[dict] = []
     merge = False
     if has_types:
-        top = max(int(r[4].max()) if r[4].size else 0 for r in raw)
+        top = highest_type(raw)
         if "classes" in meta:
             classes = meta["classes"]
         elif top <= 4:
@@ -102,19 +94,6 @@ def load_consep_mat(root: Path, allow_unpaired: bool = False) -> LabelledDataset
                 "add a dataset.json naming the classes",
             )
 
-    samples = []
-    for name, image_path, label_path, inst, types in raw:
-        if merge and types is not None:
-            types = _MERGE_7_TO_4[types]
-        image = read_rgb(image_path)
-        image, inst, types = check_sample(label_path, image, inst, types, len(classes) if has_types else None)
-        samples.append(Sample(name=name, source=source_of(name), image=image, inst_map=inst, type_map=types))
-    return LabelledDataset(
-        samples=samples,
-        classes=list(classes),
-        has_types=has_types,
-        format=FORMAT,
-        mpp=float(meta.get("mpp", DEFAULT_MPP)),
-        root=root,
-        empty=report_empty(samples, root),
-    )
+    if merge:
+        raw = [(*record[:4], _MERGE_7_TO_4[record[4]]) for record in raw]
+    return assemble_dataset(root, raw, classes, has_types, FORMAT, float(meta.get("mpp", DEFAULT_MPP)))

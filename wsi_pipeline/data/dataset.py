@@ -17,6 +17,7 @@ from typing import Any, overload
 
 import numpy as np
 
+from wsi_pipeline.data.images import read_rgb
 from wsi_pipeline.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -210,6 +211,45 @@ def report_empty(samples: Sequence[Sample], root: Path | str) -> list[str]:
         shown = ", ".join(empty[:10]) + (" ..." if len(empty) > 10 else "")
         log.warning("%s: %d sample(s) have empty label maps (kept as all-background): %s", root, len(empty), shown)
     return empty
+
+
+LabelRecord = tuple[str, Path, Path, np.ndarray, np.ndarray | None]
+"""(name, image path, label path, inst_map, type_map or None) of one pair whose labels are read."""
+
+
+def highest_type(records: Sequence[LabelRecord]) -> int:
+    """Largest class id in the type maps of ``records`` (0 when none holds a class)."""
+    return max((int(r[4].max()) for r in records if r[4] is not None and r[4].size), default=0)
+
+
+def assemble_dataset(
+    root: Path,
+    records: Sequence[LabelRecord],
+    classes: list[dict[str, Any]],
+    has_types: bool,
+    fmt: str,
+    mpp: float,
+) -> LabelledDataset:
+    """Decode each record's image, check it against its labels and wrap them all as a dataset.
+
+    The loaders that read every label file first (they pick the classes from the whole
+    set, so a mix of typed and untyped files is refused before any image is decoded)
+    share this second half, so their samples are checked and reported identically.
+    """
+    samples = []
+    for name, image_path, label_path, inst, types in records:
+        image = read_rgb(image_path)
+        image, inst, types = check_sample(label_path, image, inst, types, len(classes) if has_types else None)
+        samples.append(Sample(name=name, source=source_of(name), image=image, inst_map=inst, type_map=types))
+    return LabelledDataset(
+        samples=samples,
+        classes=list(classes),
+        has_types=has_types,
+        format=fmt,
+        mpp=mpp,
+        root=root,
+        empty=report_empty(samples, root),
+    )
 
 
 def instance_types(inst_map: np.ndarray, type_map: np.ndarray) -> dict[int, int]:

@@ -17,16 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from wsi_pipeline.data.classes import CONSEP_CLASSES, generic_classes, read_dataset_json
-from wsi_pipeline.data.dataset import (
-    DEFAULT_MPP,
-    LabelledDataset,
-    Sample,
-    as_label_array,
-    check_sample,
-    report_empty,
-    source_of,
-)
-from wsi_pipeline.data.images import IMAGE_SUFFIXES, read_rgb
+from wsi_pipeline.data.dataset import DEFAULT_MPP, LabelledDataset, as_label_array, assemble_dataset, highest_type
+from wsi_pipeline.data.images import IMAGE_SUFFIXES
 from wsi_pipeline.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -101,10 +93,7 @@ def load_folder(root: Path, allow_unpaired: bool = False) -> LabelledDataset:
     pairs = pair_files(root, images, labels, "labels/NAME.npz", allow_unpaired)
     meta = read_dataset_json(root)
 
-    raw = []
-    for name, image_path, label_path in pairs:
-        inst, types = read_npz_labels(label_path)
-        raw.append((name, image_path, label_path, inst, types))
+    raw = [(name, image_path, label_path, *read_npz_labels(label_path)) for name, image_path, label_path in pairs]
     with_types = [r[0] for r in raw if r[4] is not None]
     if with_types and len(with_types) != len(raw):
         missing = [r[0] for r in raw if r[4] is None]
@@ -116,7 +105,7 @@ def load_folder(root: Path, allow_unpaired: bool = False) -> LabelledDataset:
     has_types = bool(with_types)
     classes: list[dict] = []
     if has_types:
-        top = max(int(r[4].max()) if r[4].size else 0 for r in raw)
+        top = highest_type(raw)
         if "classes" in meta:
             classes = meta["classes"]
         elif top <= len(CONSEP_CLASSES):
@@ -126,17 +115,4 @@ def load_folder(root: Path, allow_unpaired: bool = False) -> LabelledDataset:
             classes = generic_classes(top)
             log.warning("%s: no dataset.json naming the %d classes; calling them type_1..type_%d", root, top, top)
 
-    samples = []
-    for name, image_path, label_path, inst, types in raw:
-        image = read_rgb(image_path)
-        image, inst, types = check_sample(label_path, image, inst, types, len(classes) if has_types else None)
-        samples.append(Sample(name=name, source=source_of(name), image=image, inst_map=inst, type_map=types))
-    return LabelledDataset(
-        samples=samples,
-        classes=list(classes),
-        has_types=has_types,
-        format=FORMAT,
-        mpp=float(meta.get("mpp", DEFAULT_MPP)),
-        root=root,
-        empty=report_empty(samples, root),
-    )
+    return assemble_dataset(root, raw, classes, has_types, FORMAT, float(meta.get("mpp", DEFAULT_MPP)))

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
+from wsi_pipeline.slide._handle import HandleSlide
 from wsi_pipeline.slide._resolution import mpp_from_properties, parse_float
-from wsi_pipeline.slide.base import Level, Slide, to_rgb
+from wsi_pipeline.slide.base import to_rgb
 
 
-class OpenSlideSlide(Slide):
+class OpenSlideSlide(HandleSlide):
     """A slide opened with openslide-python (needs the openslide library, e.g. openslide-bin)."""
 
     backend = "openslide"
@@ -25,16 +26,8 @@ class OpenSlideSlide(Slide):
         import openslide  # imported here: only users of this backend need the C library
 
         self._handle = openslide.OpenSlide(str(path))
-        try:
-            props = dict(self._handle.properties)
-            levels = [
-                Level(int(w), int(h), float(d))
-                for (w, h), d in zip(self._handle.level_dimensions, self._handle.level_downsamples, strict=True)
-            ]
-            associated = sorted(self._handle.associated_images.keys())
-        except Exception:
-            self._handle.close()
-            raise
+        with self._closing_on_error():
+            props, levels, associated = self._header()
         super().__init__(
             path,
             levels=levels,
@@ -54,9 +47,3 @@ class OpenSlideSlide(Slide):
         location = (round(x * downsample), round(y * downsample))
         region = self._handle.read_region(location, level, (width, height))
         return to_rgb(np.asarray(region))
-
-    def _associated_image(self, name: str) -> np.ndarray:
-        return to_rgb(np.asarray(self._handle.associated_images[name]))
-
-    def _close(self) -> None:
-        self._handle.close()

@@ -9,20 +9,20 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from wsi_pipeline.slide._handle import HandleSlide
 from wsi_pipeline.slide._resolution import (
     mpp_from_properties,
     mpp_from_resolution,
     parse_float,
     plausible_mpp,
 )
-from wsi_pipeline.slide.base import Level, Slide, to_rgb
+from wsi_pipeline.slide.base import to_rgb
 
 
-class TiffSlideSlide(Slide):
+class TiffSlideSlide(HandleSlide):
     """A slide opened with tiffslide."""
 
     backend = "tiffslide"
@@ -31,20 +31,12 @@ class TiffSlideSlide(Slide):
         import tiffslide
 
         self._handle = tiffslide.TiffSlide(str(path))
-        try:
-            props: dict[str, Any] = dict(self._handle.properties)
-            levels = [
-                Level(int(w), int(h), float(d))
-                for (w, h), d in zip(self._handle.level_dimensions, self._handle.level_downsamples, strict=True)
-            ]
-            associated = sorted(self._handle.associated_images.keys())
+        with self._closing_on_error():
+            props, levels, associated = self._header()
             found = mpp_from_properties(props, ("tiffslide.mpp-x", "tiffslide.mpp-y"))
             if found[0] is None:
                 found = self._mpp_from_tags()
             self._as_array = "as_array" in inspect.signature(self._handle.read_region).parameters
-        except Exception:
-            self._handle.close()
-            raise
         super().__init__(
             path,
             levels=levels,
@@ -92,9 +84,3 @@ class TiffSlideSlide(Slide):
         else:
             region = np.asarray(self._handle.read_region(location, level, (width, height)))
         return to_rgb(region)
-
-    def _associated_image(self, name: str) -> np.ndarray:
-        return to_rgb(np.asarray(self._handle.associated_images[name]))
-
-    def _close(self) -> None:
-        self._handle.close()
