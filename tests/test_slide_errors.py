@@ -132,3 +132,14 @@ def test_bad_options_are_config_errors() -> None:
         open_slide(SVS, "bioformats")
     with pytest.raises(ConfigError, match="positive"):
         open_slide(SVS, mpp=-1.0)
+
+
+def test_project_errors_survive_pickling_across_processes() -> None:
+    """Dask sends a worker's exception back pickled: the message and its parts must survive."""
+    import pickle
+
+    from wsi_pipeline.errors import SlideError
+
+    err = SlideError("/data/a.svs", "cannot be read", "pass --mpp")
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is SlideError and str(back) == str(err) and back.fix == "pass --mpp"

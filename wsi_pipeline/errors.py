@@ -28,6 +28,10 @@ class WsiPipelineError(Exception):
             parts.append(f"Fix: {fix}")
         super().__init__(" ".join(parts))
 
+    def __reduce__(self) -> tuple[type, tuple[str | None, str, str | None]]:
+        # Errors raised on Dask workers travel back pickled: keep the three parts.
+        return (type(self), (self.path, self.problem, self.fix))
+
 
 class SlideError(WsiPipelineError):
     """A slide or image that cannot be opened or read as asked."""
