@@ -24,7 +24,7 @@ $(STAMP_DEV): pyproject.toml | $(PY)
 	touch $@ $(STAMP_RUN)
 
 run: $(STAMP_RUN)
-	$(VENV)/bin/wsi-pipeline run sample_slides --out $(OUT)
+	$(VENV)/bin/wsi-pipeline run sample_slides --out $(OUT) --bf16 auto
 
 test: $(STAMP_DEV)
 	$(VENV)/bin/ruff check .

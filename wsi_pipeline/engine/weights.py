@@ -314,6 +314,7 @@ def save_model(model: torch.nn.Module, path: str | PathLike[str], meta: Mapping[
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         save_file(tensors, str(tmp), metadata={_META_KEY: text, "format": "pt"})
+        os.chmod(tmp, 0o644)  # safetensors creates it owner-only; a shipped model must be readable by all
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
