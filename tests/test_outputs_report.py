@@ -63,7 +63,7 @@ def slide_inputs(aperio_svs: Path, consep_train: Path):
     inst, types = data["inst_map"].astype(np.int32), data["type_map"].astype(np.int64)
     tp = np.stack([types == c for c in range(5)]).astype(np.float32)
     crop = describe_nuclei(inst, (inst > 0).astype(np.float32), tp)
-    density = NucleiDensity(width, height, slide_mpp, num_types=5, cells=64)
+    density = NucleiDensity(width, height, slide_mpp, num_types=5, cells=64, cell_um=1.0)
     scale = 0.25 / slide_mpp[0]  # CoNSeP px (0.25 µm) -> level-0 px
     step = 256 * scale
     nid = 0
@@ -199,3 +199,12 @@ def test_batch_report_totals(tmp_path: Path) -> None:
     assert data["nuclei"] == 1000 and data["seconds"] == pytest.approx(12.6)
     assert data["ok"] is False and data["rows"] == rows
     assert json.loads(write_batch_report(tmp_path, rows[::2]).read_text())["ok"] is True
+
+
+def test_density_cells_are_large_enough_to_hold_many_nuclei() -> None:
+    """A 0.8 mm wide slide at 0.25 µm/px gets 50 µm cells, not 256 cells of 3 µm."""
+    density = NucleiDensity(3200, 2000, (0.25, 0.25), num_types=5)
+    assert density.cell * 0.25 == pytest.approx(50.0)
+    assert density.counts.shape[1:] == (10, 16)
+    big = NucleiDensity(400_000, 200_000, (0.25, 0.25), num_types=5, cells=256)
+    assert big.counts.shape[2] == 256

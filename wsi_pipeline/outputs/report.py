@@ -198,16 +198,26 @@ class NucleiDensity:
         width, height: level-0 slide size.
         slide_mpp: level-0 µm/px (x, y), to express density per mm².
         num_types: type ids 0..num_types-1 (0 = no class), i.e. len(classes) + 1.
-        cells: grid cells along the slide's longer side.
+        cells: at most this many grid cells along the slide's longer side.
+        cell_um: cell side in µm. Density is only meaningful over areas holding many
+            nuclei (a ~7 µm nucleus in a cell of a few µm reads as 10⁵ per mm²), so
+            cells are at least this large; on big slides ``cells`` caps the grid.
     """
 
     def __init__(
-        self, width: int, height: int, slide_mpp: tuple[float, float], num_types: int, cells: int = 256
+        self,
+        width: int,
+        height: int,
+        slide_mpp: tuple[float, float],
+        num_types: int,
+        cells: int = 256,
+        cell_um: float = 50.0,
     ) -> None:
-        if width <= 0 or height <= 0 or num_types < 1 or cells < 1:
-            raise ValueError(f"bad density grid: {width}x{height}, {num_types} types, {cells} cells")
+        if width <= 0 or height <= 0 or num_types < 1 or cells < 1 or cell_um <= 0:
+            raise ValueError(f"bad density grid: {width}x{height}, {num_types} types, {cells} cells, {cell_um} µm")
         self.width, self.height = int(width), int(height)
-        self.cell = max(self.width, self.height) / cells  # level-0 pixels per cell
+        # level-0 pixels per cell
+        self.cell = max(max(self.width, self.height) / cells, cell_um / float(slide_mpp[0]))
         self.rows = max(1, math.ceil(self.height / self.cell))
         self.cols = max(1, math.ceil(self.width / self.cell))
         self.counts = np.zeros((num_types, self.rows, self.cols), dtype=np.int32)
