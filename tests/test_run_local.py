@@ -17,38 +17,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import zarr
+from _helpers import plumbing_model
 
 from wsi_pipeline.batch import DONE_MARKER, run_batch
 from wsi_pipeline.cli import main
 from wsi_pipeline.config import RunConfig
-from wsi_pipeline.data.classes import CONSEP_CLASSES
-from wsi_pipeline.engine.model import ChannelSpec, HoVerNet
-from wsi_pipeline.engine.weights import save_model
 from wsi_pipeline.slide import open_slide
 from wsi_pipeline.slide.pyramid import write_pyramid
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample_slides" / "CMU-1-Small-Region-pyramid.tif"
-
-
-def plumbing_model(path: Path, slide: Path) -> Path:
-    """A tiny random HoVer-Net whose NP bias is set so that about half the pixels of
-    ``slide`` read as nucleus (random weights alone often find none)."""
-    torch.manual_seed(1)
-    model = HoVerNet("fast", 5, ChannelSpec.scaled(0.0625, "fast", round_to=4)).eval()
-    with open_slide(slide) as s:
-        patch = torch.from_numpy(s.read_region_at(0, 0, 256, 256, 0.25)).permute(2, 0, 1)[None].float()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.inference_mode():
-            logits = model(patch)["np"][0]
-            model.decoder.np.u0.conv.bias[1] -= (logits[1] - logits[0]).median()
-    finally:
-        torch.set_num_threads(threads)
-    return save_model(model, path, meta={"name": "plumbing", "classes": CONSEP_CLASSES, "mpp": 0.25})
 
 
 @pytest.fixture(scope="module")
