@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from wsi_pipeline.data import Sample
 from wsi_pipeline.data.torch_dataset import BalancedSampler, HoverTrainDataset
+from wsi_pipeline.engine._malloc import keep_freed_memory
 from wsi_pipeline.engine.infer import InferenceConfig, bf16_supported
 from wsi_pipeline.engine.postproc import PostprocConfig
 from wsi_pipeline.errors import ConfigError
@@ -161,6 +162,7 @@ def fit(
     workdir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    keep_freed_memory()
     seed_everything(cfg.seed)
     num_types = getattr(model, "num_types", None)
     dataset = HoverTrainDataset(

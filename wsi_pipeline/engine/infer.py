@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from wsi_pipeline.engine._malloc import keep_freed_memory
 from wsi_pipeline.errors import ConfigError, ModelError
 
 __all__ = [
@@ -336,6 +337,7 @@ class TileInferer:
             )
         if self.config.threads is not None:
             torch.set_num_threads(self.config.threads)
+        keep_freed_memory()
         self.uses_bf16 = self.config.bf16 is True or (self.config.bf16 == "auto" and bf16_supported(self.device))
         layout = torch.channels_last if self.config.channels_last else torch.contiguous_format
         model.eval()
