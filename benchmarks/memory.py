@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import psutil
+from _common import save_json
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample_slides" / "CMU-1-Small-Region-pyramid.tif"
@@ -145,9 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         "target": "<= 1.1",
     }
     print(json.dumps({"tissue_ratio": summary["tissue_ratio"], "peak_ratio_4x_over_1x": ratios}))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    save_json(args.json, summary)
     return 0
 
 

@@ -32,6 +32,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from _common import save_json
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = sorted((REPO / "sample_slides").glob("*.svs")) + sorted((REPO / "sample_slides").glob("*.tif"))
 
@@ -169,9 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         "options": options,
         "results": results,
     }
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    save_json(args.json, summary)
     return 0
 
 

@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import save_json
+
 REPO = Path(__file__).resolve().parents[1]
 LAYOUTS = {"2x1": (2, 1, 1), "1x2": (1, 2, 1), "1x1t2": (1, 1, 2)}
 
@@ -147,9 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_at_end": os.getloadavg(),
         "results": results,
     }
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    save_json(args.json, summary)
     return 0
 
 
