@@ -14,6 +14,41 @@ from pathlib import Path
 
 from wsi_pipeline.modelcard import render_card
 
+KEYS = ("pq", "aji", "dice", "f1_detection", "mpq", "type_accuracy")
+
+
+def vs_parent(evals: dict[str, Path], parent_evals: dict[str, str]) -> list[str]:
+    """Model minus parent on the same dev images: what pruning and fine-tuning changed, per dataset."""
+    lines = ["## Against the parent (same dev images, fp32)", "", "| dataset | metric | parent | this model | change |",
+             "|---|---|---:|---:|---:|"]
+    for label, path in evals.items():
+        if label not in parent_evals:
+            continue
+        mine, theirs = json.loads(Path(path).read_text()), json.loads(Path(parent_evals[label]).read_text())
+        for key in KEYS:
+            a, b = theirs.get(key), mine.get(key)
+            if isinstance(a, float) and isinstance(b, float):
+                lines.append(f"| {label} | {key} | {a:.4f} | {b:.4f} | {100 * (b - a):+.2f} pt |")
+    return lines
+
+
+def speed_table(data: dict, path: Path) -> list[str]:
+    lines = [
+        f"## Speed against the parent (`{path}`, one process, interleaved, {data['threads']} threads, "
+        f"torch {data['torch']})",
+        "",
+        "| batch | precision | parent ms/patch | this model ms/patch | speedup |",
+        "|---:|---|---:|---:|---:|",
+    ]
+    for batch, row in data["batches"].items():
+        for dtype, r in row.items():
+            lines.append(
+                f"| {batch} | {dtype} | {r['parent_ms_per_patch']:.1f} | {r['model_ms_per_patch']:.1f} | "
+                f"{r['speedup']:.2f}x |"
+            )
+    lines += ["", "Reproduce with `python benchmarks/ship_latency.py`."]
+    return lines
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -22,6 +57,14 @@ def main() -> None:
     parser.add_argument("--history", type=Path, help="training history.json, for the learning-curve table")
     parser.add_argument("--curve", help="path (relative to the card) of a learning-curve PNG to link")
     parser.add_argument("--note", default="", help="extra Markdown appended to the card")
+    parser.add_argument(
+        "--parent-eval",
+        action="append",
+        default=[],
+        metavar="LABEL=JSON",
+        help="the parent's evaluation for the same LABEL: adds a model-vs-parent table (pruned models)",
+    )
+    parser.add_argument("--latency", type=Path, help="benchmarks/ship_latency.py JSON: adds the speed table")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     evals = {}
@@ -43,6 +86,10 @@ def main() -> None:
             )
         if args.curve:
             extra += ["", f"![learning curve]({args.curve})"]
+    if args.parent_eval:
+        extra += ["", *vs_parent(evals, dict(item.partition("=")[::2] for item in args.parent_eval))]
+    if args.latency:
+        extra += ["", *speed_table(json.loads(args.latency.read_text()), args.latency)]
     if args.note:
         extra += ["", args.note]
     text = render_card(args.model, evals, extra="\n".join(extra))

@@ -130,3 +130,19 @@ def test_finetune_needs_exactly_one_budget(crops: list) -> None:
         Finetune(crops)
     with pytest.raises(ConfigError, match="exactly one budget"):
         Finetune(crops, epochs=1, minutes=1.0)
+
+
+def test_the_control_fine_tunes_the_parent_without_pruning(tiny: HoVerNet, crops: list) -> None:
+    from wsi_pipeline.prune.schedule import run_control
+
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    outcome = run_control(tiny, _finetune(crops), lr=1e-3)
+    assert outcome.lineage["kind"] == "control" and outcome.lineage["achieved_ratio"] == 0.0
+    assert count_params(outcome.model) == count_params(tiny)
+    assert outcome.lineage["finetune"]["optimizer_steps"] >= 1
+    assert outcome.lineage["finetune"]["phases"][0]["lr"] == 1e-3
+    assert all(torch.equal(v, before[k]) for k, v in tiny.state_dict().items())  # parent untouched
+    trained = outcome.model.state_dict()
+    changed = [k for k, v in trained.items() if v.is_floating_point() and not torch.equal(v, before[k])]
+    assert changed  # the copy did train
+    assert next(outcome.model.parameters()).device.type == "cpu"

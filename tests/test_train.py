@@ -136,3 +136,40 @@ def test_a_bad_select_metric_is_a_config_error(tmp_path: Path) -> None:
     cfg = TrainConfig(epochs=1, batch_size=2, warmup_steps=1, threads=1, bf16=False, select_metric="accuracy")
     with pytest.raises(ConfigError, match="select_metric"):
         fit(_tiny_model(), samples, samples[:1], cfg, tmp_path, progress=False)
+
+
+def test_loss_terms_can_stay_on_the_device_and_equal_the_floats() -> None:
+    model = _tiny_model()
+    ds = HoverTrainDataset([_disc_sample()], input_size=model.input_size, output_size=model.output_size,
+                           augment=False)
+    batch = {k: (v.unsqueeze(0) if isinstance(v, torch.Tensor) else v) for k, v in ds[0].items()}
+    out = model(batch["image"])
+    _, floats = hovernet_loss(out, batch)
+    _, tensors = hovernet_loss(out, batch, as_floats=False)
+    assert set(floats) == set(tensors)
+    for key, value in tensors.items():
+        assert isinstance(value, torch.Tensor) and not value.requires_grad
+        assert float(value) == pytest.approx(floats[key])
+
+
+def test_a_device_torch_cannot_use_is_refused_before_training(tmp_path: Path) -> None:
+    samples = [_disc_sample("a"), _disc_sample("b")]
+    for device, match in (("tpu", "not a torch device|not supported"), ("cuda", "no CUDA GPU")):
+        if device == "cuda" and torch.cuda.is_available():
+            continue
+        cfg = TrainConfig(epochs=1, batch_size=2, threads=1, bf16=False, device=device)
+        with pytest.raises(ConfigError, match=match):
+            fit(_tiny_model(), samples, (), cfg, tmp_path, progress=False)
+
+
+def test_workers_and_a_time_based_evaluation_cadence(tmp_path: Path) -> None:
+    """Loader worker processes feed the same training; eval_every_minutes overrides eval_every."""
+    samples = [_disc_sample("a"), _disc_sample("b")]
+    cfg = TrainConfig(epochs=2, batch_size=2, warmup_steps=0, threads=1, bf16=False, workers=1,
+                      eval_every=100, eval_every_minutes=1e-6, augment=False, balance_rare_classes=False)
+    result = fit(_tiny_model(), samples, samples[:1], cfg, tmp_path, progress=False)
+    assert [row["epoch"] for row in result.history] == [1, 2]
+    assert all("dev" in row for row in result.history)  # both epochs evaluated despite eval_every=100
+    cfg_epochs = cfg.model_copy(update={"eval_every_minutes": None, "workers": 0})
+    result = fit(_tiny_model(), samples, samples[:1], cfg_epochs, tmp_path / "b", progress=False)
+    assert ["dev" in row for row in result.history] == [False, True]  # only the last epoch

@@ -9,6 +9,7 @@ are what the watershed's marker energy is built from.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +65,8 @@ def hovernet_loss(
     weights: LossWeights | None = None,
     *,
     tp_class_weights: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+    as_floats: bool = True,
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """Total loss and its terms for one batch.
 
     ``batch`` holds ``np`` (N,H,W) int64, ``hv`` (N,2,H,W), ``tp`` (N,H,W) int64 and
@@ -85,11 +87,11 @@ def hovernet_loss(
     hv_msge = (grad_err * focus).sum() / (focus.sum() + 1.0e-8)
 
     total = w.np_ce * np_ce + w.np_dice * np_dice + w.hv_mse * hv_mse + w.hv_msge * hv_msge
-    terms = {
-        "np_ce": float(np_ce.detach()),
-        "np_dice": float(np_dice.detach()),
-        "hv_mse": float(hv_mse.detach()),
-        "hv_msge": float(hv_msge.detach()),
+    terms: dict[str, Any] = {
+        "np_ce": np_ce.detach(),
+        "np_dice": np_dice.detach(),
+        "hv_mse": hv_mse.detach(),
+        "hv_msge": hv_msge.detach(),
     }
     if "tp" in out:
         sel = batch["has_types"].bool()
@@ -97,9 +99,11 @@ def hovernet_loss(
             tp_logits = out["tp"][sel].float()
             tp_ce, tp_dice = _ce_dice(tp_logits, batch["tp"][sel], tp_logits.shape[1], tp_class_weights)
             total = total + w.tp_ce * tp_ce + w.tp_dice * tp_dice
-            terms["tp_ce"] = float(tp_ce.detach())
-            terms["tp_dice"] = float(tp_dice.detach())
-    terms["total"] = float(total.detach())
+            terms["tp_ce"] = tp_ce.detach()
+            terms["tp_dice"] = tp_dice.detach()
+    terms["total"] = total.detach()
+    if as_floats:
+        terms = {k: float(v) for k, v in terms.items()}
     return total, terms
 
 

@@ -40,6 +40,18 @@ def _metrics_table(evals: dict[str, dict[str, Any]], classes: list[dict[str, Any
     return lines
 
 
+def _trained_on(training: dict[str, Any], hw: dict[str, Any]) -> str:
+    where = (
+        f"one {hw['gpu']} GPU ({hw.get('cpu_count')} CPU cores for data loading)"
+        if hw.get("gpu")
+        else f"{hw.get('cpu_count')} CPU cores ({hw.get('processor')})"
+    )
+    start = "from scratch (no ImageNet weights are available here)"
+    if training.get("init"):
+        start = f"from {training['init']}"
+    return f"- Trained {start} on {where}, torch {hw.get('torch')}; started {training.get('started')}."
+
+
 def render_card(model_path: Path, evaluations: dict[str, Path], *, extra: str = "") -> str:
     """Markdown card for ``model_path``; ``evaluations`` maps a label to an `evaluate --json` file."""
     meta = read_metadata(model_path)
@@ -65,7 +77,15 @@ def render_card(model_path: Path, evaluations: dict[str, Path], *, extra: str = 
         + ", ".join(f"{c['id']} {c['name']} {tuple(c['color'])}" for c in classes),
         f"- File: `{model_path.name}` (safetensors, metadata in its header).",
     ]
-    if training.get("config"):
+    if lineage.get("kind") == "structured":
+        lines.append(
+            f"- Structurally pruned from `{lineage.get('parent')}` ({lineage.get('parent_params', 0):,} parameters, "
+            f"{lineage.get('parent_macs', 0) / 1e9:.2f} GMAC): {lineage.get('achieved_ratio', 0):.1%} of the "
+            f"parameters removed by {lineage.get('method')} ({lineage.get('criterion')}, "
+            f"{'network-wide' if lineage.get('global') else 'per-layer'} ranking, {lineage.get('schedule')}); "
+            "a physically smaller dense network, every conv width in the checkpoint's channel spec."
+        )
+    elif training.get("config") and not training.get("init"):
         cfg = training["config"]
         lines.append(f"- Width multiplier: {cfg.get('width')} of the full 37.6 M-parameter HoVer-Net.")
     if lineage:
@@ -78,8 +98,7 @@ def render_card(model_path: Path, evaluations: dict[str, Path], *, extra: str = 
             f"- Data: {', '.join(training.get('datasets', []))} ({training.get('train_images')} training images; "
             f"dev split: {training.get('dev_images')} images from held-out source tiles "
             f"{', '.join(training.get('dev_sources', []))}).",
-            f"- From scratch (no ImageNet weights are available here) on {hw.get('cpu_count')} CPU cores "
-            f"({hw.get('processor')}), torch {hw.get('torch')}; started {training.get('started')}.",
+            _trained_on(training, hw),
             f"- Best epoch: {training.get('best_epoch', 'n/a')}; training minutes at that point: "
             f"{training.get('train_minutes', 'n/a')}.",
             "- Options:",
@@ -105,9 +124,9 @@ def render_card(model_path: Path, evaluations: dict[str, Path], *, extra: str = 
         "- These weights were trained on those data and inherit their research-only, non-commercial terms.",
         "",
         "## Limitations",
-        "- Trained on a few hundred 256² crops from 34 source tiles, on a CPU, for hours rather than the GPU-days",
-        "  of the published HoVer-Net; expect lower accuracy than the paper and poor transfer to other stains,",
-        "  scanners and organs. Not validated for any clinical purpose.",
+        "- Trained on a few hundred 256² crops from 34 source tiles, for hours of CPU (or minutes of GPU) rather",
+        "  than the GPU-days of the published HoVer-Net; expect lower accuracy than the paper and poor transfer to",
+        "  other stains, scanners and organs. Not validated for any clinical purpose.",
     ]
     if extra:
         lines += ["", extra]

@@ -68,12 +68,19 @@ class TrainConfig(BaseModel):
     seed: int = 0
     threads: int | None = Field(None, ge=1)
     eval_every: int = Field(1, ge=1)
+    eval_every_minutes: float | None = Field(
+        None, gt=0, description="evaluate after this much training time instead of each N epochs (GPU epochs are short)"
+    )
     select_metric: str = "pq"
     grad_clip: float | None = Field(5.0, gt=0)
     bf16: bool | Literal["auto"] = Field(
         "auto", description="bf16 autocast (~2x faster on CPUs with AVX-512 BF16 or AMX); weights stay fp32"
     )
     tp_class_weights: bool = Field(True, description="weight TP cross-entropy by inverse sqrt class frequency")
+    device: str = Field("cpu", description="torch device to train on: 'cpu' or 'cuda[:N]'")
+    workers: int = Field(
+        0, ge=0, description="data-loading worker processes (0: in the training process; use ~cores-1 on a GPU)"
+    )
     loss_weights: dict[str, float] = Field(default_factory=dict)
 
 
@@ -123,10 +130,25 @@ def tp_class_weights(samples: Sequence[Sample], num_types: int, clip: tuple[floa
     return torch.as_tensor(weights, dtype=torch.float32)
 
 
-def _collate_to(batch: dict[str, torch.Tensor], channels_last: bool) -> dict[str, torch.Tensor]:
+def _collate_to(batch: dict[str, torch.Tensor], device: torch.device, channels_last: bool) -> dict[str, torch.Tensor]:
+    batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     if channels_last:
         batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
     return batch
+
+
+def training_device(cfg: TrainConfig) -> torch.device:
+    """The device ``cfg`` asks for, checked before any work so a wrong one fails in a second."""
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError as exc:
+        raise ConfigError(None, f"device {cfg.device!r} is not a torch device ({exc})", "use 'cpu' or 'cuda'") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(None, f"device {cfg.device!r} asked for but torch sees no CUDA GPU",
+                          "train with device: cpu, or on a machine with a GPU and a CUDA build of torch")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(None, f"device {cfg.device!r} is not supported", "use 'cpu' or 'cuda[:N]'")
+    return device
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -177,9 +199,12 @@ def fit(
         raise ConfigError(workdir, "no training samples left after the dev split", "pass more training data")
     sampler = BalancedSampler(dataset, num_types, seed=cfg.seed) if cfg.balance_rare_classes and num_types else None
     class_weights = tp_class_weights(train_samples, num_types) if cfg.tp_class_weights and num_types else None
-    use_bf16 = cfg.bf16 is True or (cfg.bf16 == "auto" and bf16_supported("cpu"))
+    device = training_device(cfg)
+    use_bf16 = cfg.bf16 is True or (cfg.bf16 == "auto" and bf16_supported(device))
+    if class_weights is not None:
+        class_weights = class_weights.to(device)
     model.train()
-    model.to(memory_format=torch.channels_last)
+    model.to(device=device, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     weights = LossWeights(**cfg.loss_weights)
     steps_per_epoch = math.ceil(len(dataset) / cfg.batch_size)
@@ -203,33 +228,39 @@ def fit(
         return step / max(total_steps, 1)
 
     epoch = start_epoch
+    last_eval_s = elapsed
     while epoch < cfg.epochs and progress_of() < 1.0:
         epoch_seed = cfg.seed * 100_003 + epoch
         dataset.set_epoch(epoch)
         generator = torch.Generator().manual_seed(epoch_seed)
+        # Workers are forked per epoch so they see this epoch's augmentation seed.
+        loader_opts: dict[str, Any] = {"batch_size": cfg.batch_size, "drop_last": True, "num_workers": cfg.workers,
+                                       "pin_memory": device.type == "cuda"}
         if sampler is not None:
             sampler.set_epoch(epoch)
-            loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True)
+            loader = DataLoader(dataset, sampler=sampler, **loader_opts)
         else:
-            loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=generator, drop_last=True)
+            loader = DataLoader(dataset, shuffle=True, generator=generator, **loader_opts)
         model.train()
         sums: dict[str, float] = {}
         n_batches = 0
         t_epoch = time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", disable=not progress, mininterval=5.0)
+        # The budget counts the waits for data too: on a GPU the loader, not the step, can be the bottleneck.
+        t0 = time.perf_counter()
         for batch in bar:
-            t0 = time.perf_counter()
             lr = lr_at(progress_of(), step, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
-            batch = _collate_to(batch, channels_last=True)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+            batch = _collate_to(batch, device, channels_last=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 out = model(batch["image"])
-            loss, terms = hovernet_loss(out, batch, weights, tp_class_weights=class_weights)
+            # Loss terms stay on the device until the epoch ends: a GPU is not stalled by per-step syncs.
+            loss, terms = hovernet_loss(out, batch, weights, tp_class_weights=class_weights, as_floats=False)
             if cfg.bn_l1 > 0:
                 penalty = bn_l1_penalty(model)
                 loss = loss + cfg.bn_l1 * penalty
-                terms["bn_l1"] = float(penalty.detach())
+                terms["bn_l1"] = penalty.detach()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -240,9 +271,12 @@ def fit(
             step += 1
             n_batches += 1
             for key, value in terms.items():
-                sums[key] = sums.get(key, 0.0) + value
-            elapsed += time.perf_counter() - t0
-            bar.set_postfix(loss=f"{terms['total']:.3f}", lr=f"{lr:.2e}")
+                sums[key] = sums[key] + value if key in sums else value
+            now = time.perf_counter()
+            elapsed += now - t0
+            t0 = now
+            if progress and n_batches % 10 == 1:
+                bar.set_postfix(loss=f"{float(terms['total']):.3f}", lr=f"{lr:.2e}")
             if progress_of() >= 1.0:
                 break
         bar.close()
@@ -253,14 +287,19 @@ def fit(
             "train_minutes": round(elapsed / 60.0, 2),
             "epoch_seconds": round(time.perf_counter() - t_epoch, 1),
             "lr": lr_at(progress_of(), step, cfg),
-            "train": {k: round(v / max(n_batches, 1), 5) for k, v in sums.items()},
+            "train": {k: round(float(v) / max(n_batches, 1), 5) for k, v in sums.items()},
             "bf16": use_bf16,
         }
         last_epoch = epoch >= cfg.epochs or progress_of() >= 1.0
-        if dev_samples and (epoch % cfg.eval_every == 0 or last_epoch):
+        if cfg.eval_every_minutes:
+            due = elapsed - last_eval_s >= cfg.eval_every_minutes * 60.0
+        else:
+            due = epoch % cfg.eval_every == 0
+        if dev_samples and (due or last_epoch):
+            last_eval_s = elapsed
             model.eval()
             scores = evaluate_samples(
-                model, dev_samples, InferenceConfig(batch_size=8, bf16=use_bf16), PostprocConfig()
+                model, dev_samples, InferenceConfig(batch_size=8, bf16=use_bf16, device=cfg.device), PostprocConfig()
             )
             dev = {k: v for k, v in scores.items() if k != "images"}
             row["dev"] = dev
@@ -295,15 +334,18 @@ def fit(
     return FitResult(best, best_epoch, epoch - start_epoch, elapsed / 60.0, history)
 
 
-def hardware_summary() -> dict[str, Any]:
+def hardware_summary(device: str = "cpu") -> dict[str, Any]:
     """Where a model was trained, for its model card."""
     import os
 
-    return {
+    summary: dict[str, Any] = {
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "device": "cpu",
+        "device": device,
     }
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        summary["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return summary

@@ -39,8 +39,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int)
     p.add_argument("--bn-l1", type=float, help="L1 penalty on BN scales (Network Slimming)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="torch device: cpu (default) or cuda[:N]")
+    p.add_argument("--workers", type=int, help="data-loading worker processes (default 0)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _load_config(args: argparse.Namespace) -> Any:
@@ -64,6 +72,8 @@ def _load_config(args: argparse.Namespace) -> Any:
         "threads": args.threads,
         "bn_l1": args.bn_l1,
         "seed": args.seed,
+        "device": args.device,
+        "workers": args.workers,
     }
     raw.update({k: v for k, v in overrides.items() if v is not None})
     try:
@@ -95,11 +105,14 @@ def run(args: argparse.Namespace) -> int:
     log.info("%d training and %d dev images (%d dev sources)", len(train_samples), len(dev_samples), len(dev_sources))
 
     num_types = typed[0].num_types if typed else None
+    init_meta: dict[str, Any] = {}
     if args.init:
         model = load_model(args.init)
+        init_meta = dict(getattr(model, "meta", {}) or {})
         model.train()
     else:
         model = HoVerNet(mode=cfg.mode, num_types=num_types, spec=ChannelSpec.scaled(cfg.width, cfg.mode))
+    init_sha = _sha256(Path(init_meta["path"])) if init_meta.get("path") else None
     name = args.name or args.out.name.split(".")[0]
     workdir = args.workdir or args.out.with_name(args.out.name + ".train")
     params = count_params(model)
@@ -122,13 +135,21 @@ def run(args: argparse.Namespace) -> int:
                 "dev_sources": sorted(dev_sources),
                 "config": json.loads(cfg.model_dump_json()),
                 "started": started,
-                "hardware": hardware_summary(),
+                "hardware": hardware_summary(cfg.device),
                 "init": args.init,
                 "best_epoch": dev.get("epoch"),
                 "train_minutes": dev.get("train_minutes"),
             },
             "metrics": {"dev": dev},
         }
+        if init_meta.get("lineage"):
+            # A pruned model fine-tuned further keeps its pruning history; this run is added to it.
+            lineage = dict(init_meta["lineage"])
+            lineage.setdefault("further_training", []).append(
+                {"init": str(args.init), "init_sha256": init_sha, "best_epoch": dev.get("epoch"),
+                 "train_minutes": dev.get("train_minutes"), "device": cfg.device}
+            )
+            meta["lineage"] = lineage
         args.out.parent.mkdir(parents=True, exist_ok=True)
         save_model(m, args.out, meta)
         log.info("saved best model (dev %s=%.4f) to %s", cfg.select_metric, dev.get(cfg.select_metric, 0.0), args.out)

@@ -45,6 +45,7 @@ __all__ = [
     "Finetune",
     "PruneConfig",
     "PruneOutcome",
+    "run_control",
     "run_pruning",
 ]
 
@@ -175,6 +176,8 @@ def _fine_tune(model: nn.Module, finetune: Finetune, cfg: Any, hook: Any, tag: s
     with tempfile.TemporaryDirectory(prefix="prune-ft-") as tmp:
         workdir = (finetune.workdir / tag) if finetune.workdir else Path(tmp)
         result = fit(model, finetune.samples, (), cfg, workdir, step_hook=hook, progress=finetune.progress)
+    # Pruning surgery, importance scores and checkpoints work on CPU tensors; fit may have used a GPU.
+    model.to("cpu")
     steps = int(result.history[-1]["step"]) if result.history else 0
     return {
         "minutes": round(result.minutes, 3),
@@ -312,3 +315,47 @@ def run_pruning(model: HoVerNet, cfg: PruneConfig, finetune: Finetune | None = N
     if meta is not None:
         work.meta = copy.deepcopy(meta)
     return PruneOutcome(work, lineage, rounds)
+
+
+def run_control(model: HoVerNet, finetune: Finetune, lr: float) -> PruneOutcome:
+    """The parent fine-tuned with a pruning point's budget and nothing removed.
+
+    A pruned model that beats its parent may owe it to the extra training, not to pruning;
+    this control, given the same data and budget, tells the two apart.
+    """
+    started = time.perf_counter()
+    work = copy.deepcopy(model)
+    cfg = _phase_config(finetune, 1, lr, 0.0)
+    ft = _fine_tune(work, finetune, cfg, None, "control")
+    work.eval()
+    meta = getattr(model, "meta", None)
+    params = count_params(work)
+    lineage: dict[str, Any] = {
+        "parent": _parent_name(model),
+        "parent_path": (meta or {}).get("path"),
+        "parent_params": params,
+        "parent_macs": count_macs(work),
+        "method": "control",
+        "kind": "control",
+        "ratio": 0.0,
+        "schedule": "oneshot",
+        "steps": 1,
+        "global": False,
+        "params": params,
+        "macs": count_macs(work),
+        "achieved_ratio": 0.0,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "seconds": round(time.perf_counter() - started, 1),
+        "finetune": {
+            "datasets": [str(d) for d in finetune.datasets],
+            "samples": len(finetune.samples),
+            "budget_epochs": finetune.epochs,
+            "budget_minutes": finetune.minutes,
+            "train_minutes": ft["minutes"],
+            "optimizer_steps": ft["optimizer_steps"],
+            "phases": [{"phase": "control", **ft}],
+        },
+    }
+    if meta is not None:
+        work.meta = copy.deepcopy(meta)
+    return PruneOutcome(work, lineage, [])
