@@ -43,3 +43,23 @@ def test_the_default_is_the_pruned_child_of_a_shipped_parent() -> None:
     parent = entries[default.parent]
     assert default.params <= 0.3 * parent.params  # >= 70% of the parameters removed (issue 6)
     assert default.macs < parent.macs
+
+
+def test_the_pruned_default_runs_the_main_job(tmp_path: Path) -> None:
+    """`run` without --model uses the shipped pruned default and finds nuclei in real tissue."""
+    import json
+
+    from wsi_pipeline.cli import main
+    from wsi_pipeline.slide import open_slide
+    from wsi_pipeline.slide.pyramid import write_pyramid
+
+    sample = MODELS.parent / "sample_slides" / "CMU-1-Small-Region-pyramid.tif"
+    with open_slide(sample) as source:
+        write_pyramid(source, tmp_path / "crop.tif", region=(1000, 1000, 492, 492))
+    out = tmp_path / "out"
+    argv = ["run", str(tmp_path / "crop.tif"), "--out", str(out), "--workers", "1", "--threads-per-worker", "1"]
+    assert main([*argv, "--no-progress"]) == 0
+    report = json.loads((out / "crop" / "report.json").read_text())
+    assert report["model"]["name"] == default_model_name() == "hovernet-fast-w025-imp90"
+    assert report["model"]["params"] == 236153
+    assert report["nuclei"]["total"] > 20  # a 492 px (123 µm) crop of dense tissue
