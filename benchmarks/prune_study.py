@@ -632,15 +632,17 @@ def _shipped_section() -> list[str]:
     meta = read_metadata(SHIPPED)
     lineage = meta.get("lineage") or {}
     scores = json.loads(SHIPPED_EVAL.read_text())
-    further = (lineage.get("further_training") or [{}])[-1]
+    further = lineage.get("further_training") or []
+    phases = "; ".join(f"{f.get('train_minutes')} min on {f.get('device')}, best dev epoch {f.get('best_epoch')}"
+                       for f in further)
     return [
         "## The shipped default",
         "",
         f"`{meta.get('name')}` is study point **{lineage.get('method')}-{lineage.get('schedule')}-"
         f"{lineage.get('ratio'):g}** ({lineage.get('achieved_ratio', 0):.1%} of the parameters removed), the most "
         "accurate point with >= 70% removed and >= 3x the parent's CPU speed, fine-tuned further "
-        f"({further.get('train_minutes')} min on {further.get('device')}, best dev epoch {further.get('best_epoch')}"
-        f"): scored like the study (fp32, {scores.get('n_images')} pooled dev images) it reaches PQ "
+        f"({phases or 'no further training'}): scored like the study (fp32, {scores.get('n_images')} pooled dev "
+        "images) it reaches PQ "
         f"{scores['pq']:.4f}, AJI {scores['aji']:.4f}, Dice {scores['dice']:.4f}, F1 {scores['f1_detection']:.4f}, "
         f"mPQ {scores['mpq']:.4f}. Per-dataset figures and latency are in its model card "
         f"(`models/{meta.get('name')}.md`).",

@@ -110,6 +110,39 @@ def test_train_cli_writes_a_loadable_model(consep_train: Path, tmp_path: Path) -
     assert [c["name"] for c in model.meta["classes"]] == [c["name"] for c in CONSEP_CLASSES]
 
 
+def test_train_init_keeps_a_pruned_models_lineage_and_adds_this_run_once(
+    consep_train: Path, models_dir: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "ds"
+    for sub in ("images", "labels"):
+        (folder / sub).mkdir(parents=True)
+    for name in ("train_1_000", "train_1_001", "train_2_005"):
+        shutil.copy(consep_train / "images" / f"{name}.jpg", folder / "images")
+        shutil.copy(consep_train / "labels" / f"{name}.npz", folder / "labels")
+    split = tmp_path / "dev.yaml"
+    split.write_text("dev_sources:\n  consep:\n    - consep:train_2\n")
+    cfg = tmp_path / "ft.yaml"
+    # dev Dice usually improves on both epochs, so on_best runs more than once
+    cfg.write_text("batch_size: 2\nwarmup_steps: 0\nbf16: false\neval_every: 1\nselect_metric: dice\n")
+    # A pruned model that was already fine-tuned once: its history must grow by exactly this run.
+    earlier = {"init": "study point", "device": "cuda"}
+    torch.manual_seed(0)
+    save_model(HoVerNet("fast", 5, ChannelSpec.scaled(0.0625)), models_dir / "child2.safetensors",
+               {"name": "child2", "classes": CONSEP_CLASSES, "mpp": 0.25,
+                "lineage": {"parent": "parent", "method": "l1", "ratio": 0.7, "further_training": [earlier]}})
+    out = tmp_path / "child-ft.safetensors"
+    code = main(["train", str(folder), "--out", str(out), "--config", str(cfg), "--dev-split", str(split),
+                 "--init", "child2", "--epochs", "3", "--threads", "1", "--no-progress"])
+    assert code == 0
+    lineage = load_model(out).meta["lineage"]
+    assert (lineage["parent"], lineage["method"], lineage["ratio"]) == ("parent", "l1", 0.7)
+    history = json.loads(out.with_name(out.name + ".train").joinpath("history.json").read_text())
+    assert sum(bool(row.get("best")) for row in history) >= 2  # the checkpoint was saved more than once
+    first, record = lineage["further_training"]  # the earlier run, then one entry for this run
+    assert first == earlier
+    assert record["init"] == "child2" and len(record["init_sha256"]) == 64 and record["device"] == "cpu"
+
+
 def test_train_cli_rejects_a_bad_config(tmp_path: Path, capsys) -> None:
     cfg = tmp_path / "train.yaml"
     cfg.write_text("widht: 0.5\n")

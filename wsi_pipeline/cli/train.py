@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import time
@@ -144,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         }
         if init_meta.get("lineage"):
             # A pruned model fine-tuned further keeps its pruning history; this run is added to it.
-            lineage = dict(init_meta["lineage"])
+            lineage = copy.deepcopy(init_meta["lineage"])  # on_best runs many times: append once per run
             lineage.setdefault("further_training", []).append(
                 {"init": str(args.init), "init_sha256": init_sha, "best_epoch": dev.get("epoch"),
                  "train_minutes": dev.get("train_minutes"), "device": cfg.device}
