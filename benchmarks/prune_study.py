@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import hashlib
 import json
 import logging
 import os
@@ -42,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from wsi_pipeline.config import file_checksum
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_JSON = REPO / "benchmarks" / "results" / "prune_study.json"
@@ -129,14 +130,6 @@ def grid(steps: int) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------
 # Results file
 # ---------------------------------------------------------------------------------------------
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_results(path: Path) -> dict[str, Any]:
     if path.is_file():
         return json.loads(path.read_text())
@@ -263,7 +256,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     from wsi_pipeline.prune.schedule import PruneConfig
 
     torch.set_num_threads(args.threads)
-    parent_sha = sha256(args.parent)
+    parent_sha = file_checksum(args.parent)
     results = load_results(args.json)
     if results.get("parent") and results["parent"]["sha256"] != parent_sha:
         raise SystemExit(
@@ -409,7 +402,7 @@ def retime(args: argparse.Namespace) -> dict[str, Any]:
     if not results.get("parent"):
         raise SystemExit(f"{args.json} has no results yet: run the study first")
     parent_path = args.parent or Path(results["parent"]["path"])
-    if sha256(parent_path) != results["parent"]["sha256"]:
+    if file_checksum(parent_path) != results["parent"]["sha256"]:
         raise SystemExit(f"{parent_path} is not the parent the study in {args.json} was run from")
     parent = load_model(parent_path)
     iters = args.latency_iters or 3
@@ -472,23 +465,23 @@ def structured_table(results: dict[str, Any]) -> list[str]:
         f"{_f(parent['dev']['mpq'])} | - |",
     ]
     for r in _point_rows(results, "control"):
-        d, lat = r["dev"], r["latency"]
-        lines.append(
-            f"| control (no pruning), lr {r['lr']:g} | - | 0 | 0 | {r['params'] / 1e6:.3f} | {r['macs'] / 1e9:.2f} | "
-            f"{1000 * lat['fp32']['model_s'] / 4:.0f} | {lat['fp32']['speedup']:.2f} | {lat['bf16']['speedup']:.2f} | "
-            f"{_f(d['pq'])} | {_delta(d['pq'], parent['dev']['pq'])} | {_f(d['aji'])} | {_f(d['dice'])} | "
-            f"{_f(d['f1_detection'])} | {_f(d['mpq'])} | {_ft(r)} |"
-        )
+        lines.append(_structured_row(f"control (no pruning), lr {r['lr']:g} | - | 0 | 0", r, parent))
     for r in _point_rows(results, "structured"):
-        d, lat = r["dev"], r["latency"]
-        lines.append(
-            f"| {r['method']} | {r['schedule']}{' x' + str(r['steps']) if r['steps'] > 1 else ''} | {r['ratio']:g} | "
-            f"{r['achieved_ratio']:.3f} | {r['params'] / 1e6:.3f} | {r['macs'] / 1e9:.2f} | "
-            f"{1000 * lat['fp32']['model_s'] / 4:.0f} | {lat['fp32']['speedup']:.2f} | {lat['bf16']['speedup']:.2f} | "
-            f"{_f(d['pq'])} | {_delta(d['pq'], parent['dev']['pq'])} | {_f(d['aji'])} | {_f(d['dice'])} | "
-            f"{_f(d['f1_detection'])} | {_f(d['mpq'])} | {_ft(r)} |"
-        )
+        steps = f" x{r['steps']}" if r["steps"] > 1 else ""
+        lead = f"{r['method']} | {r['schedule']}{steps} | {r['ratio']:g} | {r['achieved_ratio']:.3f}"
+        lines.append(_structured_row(lead, r, parent))
     return lines
+
+
+def _structured_row(lead: str, r: dict[str, Any], parent: dict[str, Any]) -> str:
+    """One table row: ``lead`` names the point, the rest is the same for pruned points and controls."""
+    d, lat = r["dev"], r["latency"]
+    return (
+        f"| {lead} | {r['params'] / 1e6:.3f} | {r['macs'] / 1e9:.2f} | "
+        f"{1000 * lat['fp32']['model_s'] / 4:.0f} | {lat['fp32']['speedup']:.2f} | {lat['bf16']['speedup']:.2f} | "
+        f"{_f(d['pq'])} | {_delta(d['pq'], parent['dev']['pq'])} | {_f(d['aji'])} | {_f(d['dice'])} | "
+        f"{_f(d['f1_detection'])} | {_f(d['mpq'])} | {_ft(r)} |"
+    )
 
 
 def _ft(record: dict[str, Any]) -> str:

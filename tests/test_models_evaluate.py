@@ -90,7 +90,8 @@ def test_evaluate_with_a_missing_model_exits_2_with_a_clear_message(models_dir: 
     assert "absent.safetensors" in capsys.readouterr().err
 
 
-def test_train_cli_writes_a_loadable_model(consep_train: Path, tmp_path: Path) -> None:
+def _mini_consep(consep_train: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """Three real CoNSeP crops in the folder format, and a dev split holding out one source tile."""
     folder = tmp_path / "ds"
     for sub in ("images", "labels"):
         (folder / sub).mkdir(parents=True)
@@ -99,6 +100,11 @@ def test_train_cli_writes_a_loadable_model(consep_train: Path, tmp_path: Path) -
         shutil.copy(consep_train / "labels" / f"{name}.npz", folder / "labels")
     split = tmp_path / "dev.yaml"
     split.write_text("dev_sources:\n  consep:\n    - consep:train_2\n")
+    return folder, split
+
+
+def test_train_cli_writes_a_loadable_model(consep_train: Path, tmp_path: Path) -> None:
+    folder, split = _mini_consep(consep_train, tmp_path)
     cfg = tmp_path / "train.yaml"
     cfg.write_text("width: 0.0625\nbatch_size: 2\nwarmup_steps: 1\nbf16: false\n")
     out = tmp_path / "m.safetensors"
@@ -113,14 +119,7 @@ def test_train_cli_writes_a_loadable_model(consep_train: Path, tmp_path: Path) -
 def test_train_init_keeps_a_pruned_models_lineage_and_adds_this_run_once(
     consep_train: Path, models_dir: Path, tmp_path: Path
 ) -> None:
-    folder = tmp_path / "ds"
-    for sub in ("images", "labels"):
-        (folder / sub).mkdir(parents=True)
-    for name in ("train_1_000", "train_1_001", "train_2_005"):
-        shutil.copy(consep_train / "images" / f"{name}.jpg", folder / "images")
-        shutil.copy(consep_train / "labels" / f"{name}.npz", folder / "labels")
-    split = tmp_path / "dev.yaml"
-    split.write_text("dev_sources:\n  consep:\n    - consep:train_2\n")
+    folder, split = _mini_consep(consep_train, tmp_path)
     cfg = tmp_path / "ft.yaml"
     # dev Dice usually improves on both epochs, so on_best runs more than once
     cfg.write_text("batch_size: 2\nwarmup_steps: 0\nbf16: false\neval_every: 1\nselect_metric: dice\n")

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from wsi_pipeline.data import Sample
 from wsi_pipeline.data.torch_dataset import BalancedSampler, HoverTrainDataset
 from wsi_pipeline.engine._malloc import keep_freed_memory
+from wsi_pipeline.engine.device import torch_device
 from wsi_pipeline.engine.infer import InferenceConfig, bf16_supported
 from wsi_pipeline.engine.postproc import PostprocConfig
 from wsi_pipeline.errors import ConfigError
@@ -137,20 +138,6 @@ def _collate_to(batch: dict[str, torch.Tensor], device: torch.device, channels_l
     return batch
 
 
-def training_device(cfg: TrainConfig) -> torch.device:
-    """The device ``cfg`` asks for, checked before any work so a wrong one fails in a second."""
-    try:
-        device = torch.device(cfg.device)
-    except RuntimeError as exc:
-        raise ConfigError(None, f"device {cfg.device!r} is not a torch device ({exc})", "use 'cpu' or 'cuda'") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(None, f"device {cfg.device!r} asked for but torch sees no CUDA GPU",
-                          "train with device: cpu, or on a machine with a GPU and a CUDA build of torch")
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(None, f"device {cfg.device!r} is not supported", "use 'cpu' or 'cuda[:N]'")
-    return device
-
-
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -199,7 +186,7 @@ def fit(
         raise ConfigError(workdir, "no training samples left after the dev split", "pass more training data")
     sampler = BalancedSampler(dataset, num_types, seed=cfg.seed) if cfg.balance_rare_classes and num_types else None
     class_weights = tp_class_weights(train_samples, num_types) if cfg.tp_class_weights and num_types else None
-    device = training_device(cfg)
+    device = torch_device(cfg.device)
     use_bf16 = cfg.bf16 is True or (cfg.bf16 == "auto" and bf16_supported(device))
     if class_weights is not None:
         class_weights = class_weights.to(device)

@@ -46,12 +46,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _load_config(args: argparse.Namespace) -> Any:
     from wsi_pipeline.train import TrainConfig
 
@@ -86,6 +80,7 @@ def _load_config(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from wsi_pipeline.config import file_checksum
     from wsi_pipeline.data import load_dataset, load_dev_split, split_dev
     from wsi_pipeline.engine.macs import count_macs, count_params
     from wsi_pipeline.engine.model import ChannelSpec, HoVerNet
@@ -113,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         model.train()
     else:
         model = HoVerNet(mode=cfg.mode, num_types=num_types, spec=ChannelSpec.scaled(cfg.width, cfg.mode))
-    init_sha = _sha256(Path(init_meta["path"])) if init_meta.get("path") else None
+    init_sha = file_checksum(init_meta["path"]) if init_meta.get("path") else None
     name = args.name or args.out.name.split(".")[0]
     workdir = args.workdir or args.out.with_name(args.out.name + ".train")
     params = count_params(model)

@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from wsi_pipeline.engine._malloc import keep_freed_memory
+from wsi_pipeline.engine.device import torch_device
 from wsi_pipeline.errors import ConfigError, ModelError
 
 __all__ = [
@@ -84,14 +85,7 @@ class InferenceConfig:
     channels_last: bool = True
 
     def __post_init__(self) -> None:
-        try:
-            dev = torch.device(self.device)
-        except (RuntimeError, TypeError) as exc:
-            raise ConfigError(
-                None, f"device {self.device!r} is not a torch device name ({exc})", "use 'cpu' or 'cuda'"
-            ) from None
-        if dev.type not in ("cpu", "cuda"):
-            raise ConfigError(None, f"device {self.device!r} is not supported", "use 'cpu' or 'cuda[:N]'")
+        torch_device(self.device, require_available=False)
         if self.threads is not None and (
             isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
         ):
@@ -328,13 +322,7 @@ class TileInferer:
         self.config = config if config is not None else InferenceConfig()
         self.input_size, self.output_size, self.num_types = _model_geometry(model)
         self.context = (self.input_size - self.output_size) // 2
-        self.device = torch.device(self.config.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(
-                None,
-                f"device {self.config.device!r} asked for but torch sees no CUDA GPU",
-                "use device='cpu', or install a CUDA build of torch on a machine with a GPU",
-            )
+        self.device = torch_device(self.config.device)
         if self.config.threads is not None:
             torch.set_num_threads(self.config.threads)
         keep_freed_memory()

@@ -188,6 +188,19 @@ def _fine_tune(model: nn.Module, finetune: Finetune, cfg: Any, hook: Any, tag: s
     }
 
 
+def _finetune_lineage(finetune: Finetune, phases: list[dict[str, Any]]) -> dict[str, Any]:
+    """What fine-tuning a lineage records: data, budget, and each phase's time and steps."""
+    return {
+        "datasets": [str(d) for d in finetune.datasets],
+        "samples": len(finetune.samples),
+        "budget_epochs": finetune.epochs,
+        "budget_minutes": finetune.minutes,
+        "train_minutes": round(sum(r["minutes"] for r in phases), 3),
+        "optimizer_steps": sum(r["optimizer_steps"] for r in phases),
+        "phases": phases,
+    }
+
+
 def _parent_name(model: nn.Module) -> str | None:
     meta = getattr(model, "meta", None) or {}
     return meta.get("name")
@@ -300,18 +313,7 @@ def run_pruning(model: HoVerNet, cfg: PruneConfig, finetune: Finetune | None = N
         lineage["lr_rewind"] = cfg.lr_rewind
     if slimming:
         lineage["slimming_penalty"] = cfg.slimming_penalty if finetune is not None else 0.0
-    if finetune is not None:
-        lineage["finetune"] = {
-            "datasets": [str(d) for d in finetune.datasets],
-            "samples": len(finetune.samples),
-            "budget_epochs": finetune.epochs,
-            "budget_minutes": finetune.minutes,
-            "train_minutes": round(sum(r["minutes"] for r in ft_records), 3),
-            "optimizer_steps": sum(r["optimizer_steps"] for r in ft_records),
-            "phases": ft_records,
-        }
-    else:
-        lineage["finetune"] = None
+    lineage["finetune"] = _finetune_lineage(finetune, ft_records) if finetune is not None else None
     if meta is not None:
         work.meta = copy.deepcopy(meta)
     return PruneOutcome(work, lineage, rounds)
@@ -329,12 +331,12 @@ def run_control(model: HoVerNet, finetune: Finetune, lr: float) -> PruneOutcome:
     ft = _fine_tune(work, finetune, cfg, None, "control")
     work.eval()
     meta = getattr(model, "meta", None)
-    params = count_params(work)
+    params, macs = count_params(work), count_macs(work)  # nothing removed: the parent's counts
     lineage: dict[str, Any] = {
         "parent": _parent_name(model),
         "parent_path": (meta or {}).get("path"),
         "parent_params": params,
-        "parent_macs": count_macs(work),
+        "parent_macs": macs,
         "method": "control",
         "kind": "control",
         "ratio": 0.0,
@@ -342,19 +344,11 @@ def run_control(model: HoVerNet, finetune: Finetune, lr: float) -> PruneOutcome:
         "steps": 1,
         "global": False,
         "params": params,
-        "macs": count_macs(work),
+        "macs": macs,
         "achieved_ratio": 0.0,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - started, 1),
-        "finetune": {
-            "datasets": [str(d) for d in finetune.datasets],
-            "samples": len(finetune.samples),
-            "budget_epochs": finetune.epochs,
-            "budget_minutes": finetune.minutes,
-            "train_minutes": ft["minutes"],
-            "optimizer_steps": ft["optimizer_steps"],
-            "phases": [{"phase": "control", **ft}],
-        },
+        "finetune": _finetune_lineage(finetune, [{"phase": "control", **ft}]),
     }
     if meta is not None:
         work.meta = copy.deepcopy(meta)

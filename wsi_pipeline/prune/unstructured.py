@@ -101,16 +101,13 @@ def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
 def mask_hook(masks: Mapping[str, Tensor]) -> Callable[[nn.Module], None]:
     """A ``fit(step_hook=...)`` that keeps pruned weights at zero during fine-tuning."""
 
-    on_device: dict[str, Tensor] = {}
+    on_device = dict(masks)
 
     def hook(model: nn.Module) -> None:
         # Masks are copied to the weights' device once, not at every optimiser step.
-        params = dict(model.named_parameters())
-        for name, mask in masks.items():
-            param = params.get(name)
-            cached = on_device.get(name)
-            if param is not None and (cached is None or cached.device != param.device):
-                on_device[name] = mask.to(device=param.device, dtype=param.dtype)
+        device = next(model.parameters()).device
+        if on_device and next(iter(on_device.values())).device != device:
+            on_device.update({name: mask.to(device) for name, mask in masks.items()})
         apply_masks(model, on_device)
 
     return hook
