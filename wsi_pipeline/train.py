@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from wsi_pipeline.atomic import atomic_path
 from wsi_pipeline.data import Sample
 from wsi_pipeline.data.torch_dataset import BalancedSampler, HoverTrainDataset
 from wsi_pipeline.engine._malloc import keep_freed_memory
@@ -65,6 +66,9 @@ class TrainConfig(BaseModel):
     crops_per_large_image: int = Field(8, ge=1, description="random crops per epoch from images larger than a patch")
     balance_rare_classes: bool = True
     augment: bool = True
+    scale_jitter: float = Field(
+        0.0, ge=0, lt=0.5, description="random rescale by up to +-this fraction (scanners differ in true µm/px)"
+    )
     bn_l1: float = Field(0.0, ge=0, description="L1 penalty on BN scales (Network Slimming)")
     seed: int = 0
     threads: int | None = Field(None, ge=1)
@@ -139,9 +143,8 @@ def _collate_to(batch: dict[str, torch.Tensor], device: torch.device, channels_l
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    with atomic_path(path, mode=None) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -181,6 +184,7 @@ def fit(
         augment=cfg.augment,
         crops_per_large_image=cfg.crops_per_large_image,
         seed=cfg.seed,
+        scale_jitter=cfg.scale_jitter,
     )
     if len(dataset) == 0:
         raise ConfigError(workdir, "no training samples left after the dev split", "pass more training data")

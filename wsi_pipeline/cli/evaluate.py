@@ -7,6 +7,8 @@ import json
 import logging
 from pathlib import Path
 
+from wsi_pipeline.atomic import write_json_atomic
+
 log = logging.getLogger(__name__)
 
 
@@ -53,7 +55,5 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps(summary, indent=1))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_name(args.json.name + ".tmp")
-        tmp.write_text(json.dumps(scores, indent=1))
-        tmp.replace(args.json)
+        write_json_atomic(args.json, scores, indent=1, allow_nan=True)
     return 0

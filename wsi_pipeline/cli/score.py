@@ -9,9 +9,7 @@ this module only reads files and reports problems by file name.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
 import zipfile
 from collections.abc import Iterator
@@ -20,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from wsi_pipeline.atomic import write_json_atomic
 from wsi_pipeline.errors import DataError
 from wsi_pipeline.metrics import ScoreItem, score_images
 
@@ -143,11 +142,8 @@ def format_summary(result: dict[str, Any]) -> str:
 def write_json(path: Path, result: dict[str, Any]) -> None:
     """Write through a temporary name then rename, so a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
-        os.replace(tmp, path)
+        write_json_atomic(path, result)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise DataError(path, f"cannot write the JSON report ({exc})", "choose a writable location") from exc
     print(f"wrote {path}", file=sys.stderr)

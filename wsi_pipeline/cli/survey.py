@@ -10,8 +10,6 @@ hours of inference. A bad slide is reported and skipped; the exit code is 2 if a
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from wsi_pipeline.atomic import write_json_atomic
 from wsi_pipeline.cli.inspect import add_slide_options
 from wsi_pipeline.errors import ConfigError, WsiPipelineError
 from wsi_pipeline.slide import DEFAULT_MASK_MPP, find_slides, open_slide, output_names, tissue_mask
@@ -69,9 +68,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(partial, path)
+    write_json_atomic(path, data, allow_nan=True)
 
 
 def overlay(thumbnail: np.ndarray, mask: TissueMask, tiles: list[Tile]) -> np.ndarray:

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -40,6 +41,27 @@ def _pad_to(arr: np.ndarray, height: int, width: int, value: int) -> np.ndarray:
         return arr
     pad = [(dh // 2, dh - dh // 2), (dw // 2, dw - dw // 2)] + [(0, 0)] * (arr.ndim - 2)
     return np.pad(arr, pad, mode="constant", constant_values=value)
+
+
+def rescale_sample(
+    image: np.ndarray, inst: np.ndarray, types: np.ndarray | None, factor: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Resample a triple by ``factor`` (scanners differ by about +-10% in true µm/px).
+
+    The image is interpolated linearly; the label maps take the nearest source pixel by index
+    arithmetic, which keeps instance ids exact for any integer dtype (OpenCV's nearest
+    resize does not take uint16/int64 maps alike).
+    """
+    h, w = inst.shape
+    nh, nw = max(1, round(h * factor)), max(1, round(w * factor))
+    if (nh, nw) == (h, w):
+        return image, inst, types
+    rows = np.minimum(((np.arange(nh) + 0.5) * h / nh).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(nw) + 0.5) * w / nw).astype(np.int64), w - 1)
+    image = cv2.resize(np.ascontiguousarray(image), (nw, nh), interpolation=cv2.INTER_LINEAR)
+    inst = inst[rows][:, cols]
+    types = None if types is None else types[rows][:, cols]
+    return image, inst, types
 
 
 class HoverTrainDataset(Dataset):
@@ -63,6 +85,7 @@ class HoverTrainDataset(Dataset):
         *,
         context: int = 64,
         augmenter: Augmenter | None = None,
+        scale_jitter: float = 0.0,
     ) -> None:
         if output_size > input_size:
             raise ValueError(f"output_size {output_size} exceeds input_size {input_size}")
@@ -72,6 +95,8 @@ class HoverTrainDataset(Dataset):
             raise ValueError("crops_per_large_image must be >= 1")
         if seed is not None and seed < 0:
             raise ValueError("seed must be a non-negative integer or None")
+        if not 0.0 <= scale_jitter < 0.5:
+            raise ValueError("scale_jitter must be in [0, 0.5)")
         self.samples = samples
         self.input_size = input_size
         self.output_size = output_size
@@ -79,6 +104,7 @@ class HoverTrainDataset(Dataset):
         self.seed = seed
         self.context = max(0, context)
         self.augmenter = augmenter if augmenter is not None else Augmenter()
+        self.scale_jitter = float(scale_jitter)
         self.epoch = 0
         counts = [crops_per_large_image if (h > input_size or w > input_size) else 1 for h, w in sample_shapes(samples)]
         self.item_sample = np.repeat(np.arange(len(counts)), counts).astype(np.int64)
@@ -112,6 +138,9 @@ class HoverTrainDataset(Dataset):
         image, inst, types = sample.image, sample.inst_map, sample.type_map
         if self.augment:
             image, inst, types = self.augmenter.geometric(image, inst, types, rng)
+            if self.scale_jitter:
+                factor = float(rng.uniform(1.0 - self.scale_jitter, 1.0 + self.scale_jitter))
+                image, inst, types = rescale_sample(image, inst, types, factor)
         n, o = self.input_size, self.output_size
         image = _pad_to(image, n, n, _PAD_IMAGE)
         inst = _pad_to(inst, n, n, 0)

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from wsi_pipeline.atomic import atomic_path
 from wsi_pipeline.engine.model import ChannelSpec, HoVerNet
 from wsi_pipeline.errors import ModelError
 
@@ -311,11 +312,6 @@ def save_model(model: torch.nn.Module, path: str | PathLike[str], meta: Mapping[
             path, f"metadata is not JSON-serialisable ({exc})", "pass plain dicts, lists, str and numbers"
         ) from None
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:  # world-readable: safetensors creates files owner-only
         save_file(tensors, str(tmp), metadata={_META_KEY: text, "format": "pt"})
-        os.chmod(tmp, 0o644)  # safetensors creates it owner-only; a shipped model must be readable by all
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

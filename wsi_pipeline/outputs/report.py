@@ -22,7 +22,6 @@ import html
 import io
 import json
 import math
-import os
 import platform
 import sys
 from collections.abc import Mapping, Sequence
@@ -34,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from wsi_pipeline.atomic import write_text_atomic
 from wsi_pipeline.slide.tissue import TissueMask
 from wsi_pipeline.stitch import SlideNucleus
 
@@ -257,8 +257,8 @@ def write_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = report.to_dict()
-    json_path = _write_atomic(out_dir / REPORT_JSON, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    html_path = _write_atomic(out_dir / REPORT_HTML, render_html(report, thumbnail, tissue, density))
+    json_path = write_text_atomic(out_dir / REPORT_JSON, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    html_path = write_text_atomic(out_dir / REPORT_HTML, render_html(report, thumbnail, tissue, density))
     return json_path, html_path
 
 
@@ -281,15 +281,7 @@ def write_batch_report(out_dir: Path, rows: Sequence[Mapping[str, Any]]) -> Path
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "rows": rows,
     }
-    return _write_atomic(out_dir / BATCH_REPORT_JSON, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-
-
-def _write_atomic(path: Path, text: str) -> Path:
-    """Write via a temporary file and rename, so a reader never sees half a report."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(out_dir / BATCH_REPORT_JSON, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
 
 
 # -- HTML --------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from wsi_pipeline.atomic import atomic_path
 from wsi_pipeline.errors import SlideError
 from wsi_pipeline.slide.base import Level, Slide
 
@@ -87,30 +88,25 @@ def write_pyramid(
     raw_bytes = sum(lv.width * lv.height * 3 for lv in levels)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")
-    try:
-        with tifffile.TiffWriter(partial, bigtiff=raw_bytes > 2**31) as writer:
-            for index, level in enumerate(levels):
-                level_mpp = mpp * level.downsample
-                pixels_per_cm = 1e4 / level_mpp
-                writer.write(
-                    _tiles(source, x0, y0, level, level_mpp, tile),
-                    shape=(level.height, level.width, 3),
-                    dtype=np.uint8,
-                    tile=(tile, tile),
-                    photometric="rgb",
-                    compression="jpeg",
-                    compressionargs={"level": quality},
-                    subfiletype=1 if index else 0,
-                    resolution=(pixels_per_cm, pixels_per_cm),
-                    resolutionunit="CENTIMETER",
-                    description=description if index == 0 else None,
-                    software="wsi_pipeline",
-                    metadata=None,
-                )
-        partial.replace(out)
-    finally:
-        partial.unlink(missing_ok=True)
+    with atomic_path(out) as partial, tifffile.TiffWriter(partial, bigtiff=raw_bytes > 2**31) as writer:
+        for index, level in enumerate(levels):
+            level_mpp = mpp * level.downsample
+            pixels_per_cm = 1e4 / level_mpp
+            writer.write(
+                _tiles(source, x0, y0, level, level_mpp, tile),
+                shape=(level.height, level.width, 3),
+                dtype=np.uint8,
+                tile=(tile, tile),
+                photometric="rgb",
+                compression="jpeg",
+                compressionargs={"level": quality},
+                subfiletype=1 if index else 0,
+                resolution=(pixels_per_cm, pixels_per_cm),
+                resolutionunit="CENTIMETER",
+                description=description if index == 0 else None,
+                software="wsi_pipeline",
+                metadata=None,
+            )
     return PyramidInfo(path=out, mpp=mpp, levels=levels, size_bytes=out.stat().st_size)
 
 
