@@ -40,7 +40,7 @@ def tiny_model(folder: Path, width: float, slide_path: Path) -> Path:
     nuclei to separate, as with a trained model (random weights alone often find none)."""
     import torch
 
-    from wsi_pipeline.data.classes import CONSEP_CLASSES
+    from wsi_pipeline.classes import CONSEP_CLASSES
     from wsi_pipeline.engine.model import ChannelSpec, HoVerNet
     from wsi_pipeline.engine.weights import save_model
     from wsi_pipeline.slide import open_slide

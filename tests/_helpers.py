@@ -33,7 +33,7 @@ def plumbing_model(path: Path, slide: Path) -> Path:
     blob, and the pipeline tests need nuclei to count, not good ones."""
     import torch
 
-    from wsi_pipeline.data.classes import CONSEP_CLASSES
+    from wsi_pipeline.classes import CONSEP_CLASSES
     from wsi_pipeline.engine.model import ChannelSpec, HoVerNet
     from wsi_pipeline.engine.weights import save_model
     from wsi_pipeline.slide import open_slide

@@ -11,6 +11,7 @@ import gzip
 import json
 import re
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +21,10 @@ import shapely
 from shapely.geometry import Polygon, shape
 from skimage.segmentation import relabel_sequential
 
-from wsi_pipeline.data.classes import CONSEP_CLASSES
+from wsi_pipeline.classes import CONSEP_CLASSES
 from wsi_pipeline.engine.postproc import describe_nuclei
+from wsi_pipeline.nuclei import Nucleus
 from wsi_pipeline.outputs.geojson import AREA_KEY, PROB_KEY, GeoJSONWriter, batch_polygon_rings, polygon_rings
-from wsi_pipeline.stitch import SlideNucleus
 
 MPP = 0.25
 SCALE = 0.25 / 0.2456  # level-0 px per inference px, as on a 0.2456 µm/px scanner
@@ -31,7 +32,7 @@ CROPS = ("train_8_000", "train_23_008")  # every class; a crowded crop
 
 
 def consep_nuclei(folder: Path, name: str, first_id: int = 1, offset: tuple[float, float] = (0.0, 0.0)):
-    """SlideNucleus records of one CoNSeP crop (ids from ``first_id``) and its label map."""
+    """Stitched-like records of one CoNSeP crop (ids from ``first_id``) and its label map."""
     data = np.load(folder / "labels" / f"{name}.npz")
     inst = relabel_sequential(data["inst_map"].astype(np.int32))[0]
     types = data["type_map"].astype(np.int64)
@@ -39,28 +40,16 @@ def consep_nuclei(folder: Path, name: str, first_id: int = 1, offset: tuple[floa
     nuclei = []
     for i, n in enumerate(describe_nuclei(inst, (inst > 0).astype(np.float32), tp)):
         nid = first_id + i
-        nuclei.append(
-            SlideNucleus(
-                polygon=(n.contour.astype(np.float64) + offset) * SCALE,
-                centroid=((n.centroid[0] + offset[0]) * SCALE, (n.centroid[1] + offset[1]) * SCALE),
-                bbox=tuple(float((v + offset[k % 2]) * SCALE) for k, v in enumerate(n.bbox)),
-                area_px=n.area,
-                area_um2=n.area * MPP * MPP,
-                type=n.type,
-                type_prob=n.type_prob,
-                class_probs=n.class_probs,
-                id=nid,
-                uuid=str(uuid.uuid5(uuid.NAMESPACE_URL, f"{name}:{nid}")),
-            )
-        )
+        placed = n.placed(offset[0], offset[1], SCALE, SCALE, MPP, label=nid)
+        nuclei.append(replace(placed, uuid=str(uuid.uuid5(uuid.NAMESPACE_URL, f"{name}:{nid}"))))
     return nuclei, inst
 
 
-def _nucleus(polygon, nid: int = 1, type_: int = 2) -> SlideNucleus:
+def _nucleus(polygon, nid: int = 1, type_: int = 2) -> Nucleus:
     poly = np.asarray(polygon, dtype=np.float64)
     probs = np.full(len(CONSEP_CLASSES) + 1, 0.05, dtype=np.float32)
     probs[type_] = 0.8
-    return SlideNucleus(
+    return Nucleus(
         polygon=poly,
         centroid=tuple(poly.mean(axis=0)),
         bbox=(*poly.min(axis=0), *poly.max(axis=0)),
@@ -69,19 +58,19 @@ def _nucleus(polygon, nid: int = 1, type_: int = 2) -> SlideNucleus:
         type=type_,
         type_prob=0.8,
         class_probs=probs,
-        id=nid,
+        label=nid,
         uuid=str(uuid.uuid5(uuid.NAMESPACE_URL, f"synthetic:{nid}")),
     )
 
 
 @pytest.fixture(scope="module")
-def nuclei(consep_train: Path) -> list[SlideNucleus]:
+def nuclei(consep_train: Path) -> list[Nucleus]:
     first, _ = consep_nuclei(consep_train, CROPS[0])
     second, _ = consep_nuclei(consep_train, CROPS[1], first_id=len(first) + 1, offset=(256.0, 0.0))
     return first + second
 
 
-def _write(path: Path, nuclei: list[SlideNucleus], compress: bool) -> int:
+def _write(path: Path, nuclei: list[Nucleus], compress: bool) -> int:
     writer = GeoJSONWriter(path, CONSEP_CLASSES, MPP, compress=compress)
     for n in nuclei:
         writer.add(n)
@@ -95,7 +84,7 @@ def _load(path: Path) -> dict:
 
 
 @pytest.mark.parametrize("compress", [True, False])
-def test_gdal_reads_every_feature(tmp_path: Path, nuclei: list[SlideNucleus], compress: bool) -> None:
+def test_gdal_reads_every_feature(tmp_path: Path, nuclei: list[Nucleus], compress: bool) -> None:
     path = tmp_path / ("s.geojson.gz" if compress else "s.geojson")
     assert _write(path, nuclei, compress) == len(nuclei) > 100
     gdal_path = f"/vsigzip/{path}" if compress else str(path)
@@ -104,7 +93,7 @@ def test_gdal_reads_every_feature(tmp_path: Path, nuclei: list[SlideNucleus], co
     assert meta["geometry_type"] == "Polygon"
     columns = dict(zip(meta["fields"], fields, strict=True))
     assert list(columns["id"]) == [n.uuid for n in nuclei]
-    assert list(columns["label_id"]) == [n.id for n in nuclei]
+    assert list(columns["label_id"]) == [n.label for n in nuclei]
     shapes = shapely.from_wkb(geometry)
     assert shapely.is_valid(shapes).all()
     # GDAL's polygons are the nuclei: same areas as the contours (level-0 px²) up to rounding.
@@ -112,7 +101,7 @@ def test_gdal_reads_every_feature(tmp_path: Path, nuclei: list[SlideNucleus], co
     assert np.allclose(shapely.area(shapes), expected, rtol=0.02, atol=0.05)
 
 
-def test_features_follow_qupath_rules(tmp_path: Path, nuclei: list[SlideNucleus]) -> None:
+def test_features_follow_qupath_rules(tmp_path: Path, nuclei: list[Nucleus]) -> None:
     path = tmp_path / "s.geojson.gz"
     _write(path, nuclei, compress=True)
     collection = _load(path)
@@ -143,17 +132,17 @@ def test_features_follow_qupath_rules(tmp_path: Path, nuclei: list[SlideNucleus]
         assert measurements[PROB_KEY] == pytest.approx(nucleus.type_prob, abs=1e-4)
         probs = [measurements[f"Prob {name}"] for name in ["background"] + [c["name"] for c in CONSEP_CLASSES]]
         assert np.allclose(probs, nucleus.class_probs, atol=1e-4)
-        assert props["label_id"] == nucleus.id
+        assert props["label_id"] == nucleus.label
 
 
-def test_plain_and_gzip_hold_the_same_collection(tmp_path: Path, nuclei: list[SlideNucleus]) -> None:
+def test_plain_and_gzip_hold_the_same_collection(tmp_path: Path, nuclei: list[Nucleus]) -> None:
     _write(tmp_path / "a.geojson.gz", nuclei[:50], compress=True)
     _write(tmp_path / "a.geojson", nuclei[:50], compress=False)
     assert _load(tmp_path / "a.geojson.gz") == _load(tmp_path / "a.geojson")
     assert (tmp_path / "a.geojson.gz").stat().st_size < (tmp_path / "a.geojson").stat().st_size / 3
 
 
-def test_features_reach_the_disk_before_close(tmp_path: Path, nuclei: list[SlideNucleus]) -> None:
+def test_features_reach_the_disk_before_close(tmp_path: Path, nuclei: list[Nucleus]) -> None:
     """Streaming: Features are written batch by batch, not collected for close()."""
     path = tmp_path / "s.geojson"
     writer = GeoJSONWriter(path, CONSEP_CLASSES, MPP, compress=False, batch=16)
@@ -186,7 +175,7 @@ def test_self_intersecting_contour_is_repaired(tmp_path: Path) -> None:
     assert shape(_load(path)["features"][0]["geometry"]).is_valid
 
 
-def test_batched_rings_equal_one_by_one(nuclei: list[SlideNucleus]) -> None:
+def test_batched_rings_equal_one_by_one(nuclei: list[Nucleus]) -> None:
     """The vectorised path the writer uses gives exactly the per-polygon answer."""
     square = np.array([[0, 0], [5, 0], [5, 5], [0, 5], [0, 0], [0, 0]], dtype=np.float64)  # closed, repeated
     odd = [

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsi_pipeline.data.classes import CONSEP_CLASSES
+from wsi_pipeline.classes import CONSEP_CLASSES
 from wsi_pipeline.engine.postproc import describe_nuclei
+from wsi_pipeline.nuclei import Nucleus
 from wsi_pipeline.outputs.report import (
     BATCH_REPORT_JSON,
     STAGES,
@@ -31,7 +32,6 @@ from wsi_pipeline.outputs.report import (
     write_report,
 )
 from wsi_pipeline.slide import open_slide, tissue_mask
-from wsi_pipeline.stitch import SlideNucleus
 
 # The keys the issue asks report.json for (slide size, µm/px, tissue mm², tiles, nuclei per
 # class, seconds per stage, throughput, edge-touching count, model, versions, checksums).
@@ -79,17 +79,17 @@ def slide_inputs(aperio_svs: Path, consep_train: Path):
     return thumbnail, tissue, width, height, slide_mpp, density
 
 
-def _nucleus(n, nid: int, x0: float, y0: float, scale: float) -> SlideNucleus:
-    return SlideNucleus(
-        polygon=n.contour.astype(np.float64) * scale + (x0, y0),
+def _nucleus(n, nid: int, x0: float, y0: float, scale: float) -> Nucleus:
+    return Nucleus(
+        label=nid,
+        polygon=n.polygon.astype(np.float64) * scale + (x0, y0),
         centroid=(x0 + n.centroid[0] * scale, y0 + n.centroid[1] * scale),
         bbox=(x0 + n.bbox[0] * scale, y0 + n.bbox[1] * scale, x0 + n.bbox[2] * scale, y0 + n.bbox[3] * scale),
-        area_px=n.area,
-        area_um2=n.area * 0.0625,
+        area_px=n.area_px,
+        area_um2=n.area_px * 0.0625,
         type=n.type,
         type_prob=n.type_prob,
         class_probs=n.class_probs,
-        id=nid,
         uuid=str(uuid.uuid5(uuid.NAMESPACE_URL, str(nid))),
     )
 

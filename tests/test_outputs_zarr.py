@@ -12,21 +12,21 @@ from __future__ import annotations
 import json
 import random
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
 from _helpers import ArrayLabels
-from PIL import Image
 from skimage.segmentation import relabel_sequential
 
-from wsi_pipeline.data.classes import CONSEP_CLASSES
+from wsi_pipeline.classes import CONSEP_CLASSES
 from wsi_pipeline.engine.postproc import describe_nuclei
 from wsi_pipeline.errors import DataError
+from wsi_pipeline.nuclei import Nucleus
 from wsi_pipeline.outputs.geojson import GeoJSONWriter
 from wsi_pipeline.outputs.zarr_store import CLASS_LABELS, LABELS, TABLE, UNTYPED_VALUE, NucleiZarr, pyramid_levels
-from wsi_pipeline.stitch import SlideNucleus
 
 MPP = 0.25
 SCALE = 0.25 / 0.2456  # level-0 px per inference px
@@ -37,7 +37,7 @@ SHAPE = (576, 640)  # the mosaic (512 x 512) plus empty slide around it
 
 
 @pytest.fixture(scope="module")
-def mosaic(consep_train: Path) -> tuple[np.ndarray, list[SlideNucleus]]:
+def mosaic(consep_train: Path) -> tuple[np.ndarray, list[Nucleus]]:
     """Instance labels of a 2 x 2 mosaic of CoNSeP crops (ids 1..N) and its nuclei."""
     rows_inst, rows_type = [], []
     for row in CROPS:
@@ -54,29 +54,17 @@ def mosaic(consep_train: Path) -> tuple[np.ndarray, list[SlideNucleus]]:
     tp = np.stack([types == c for c in range(len(CONSEP_CLASSES) + 1)]).astype(np.float32)
     nuclei = []
     for n in describe_nuclei(inst, (inst > 0).astype(np.float32), tp):
-        nuclei.append(
-            SlideNucleus(
-                polygon=n.contour.astype(np.float64) * SCALE,
-                centroid=(n.centroid[0] * SCALE, n.centroid[1] * SCALE),
-                bbox=tuple(float(v) * SCALE for v in n.bbox),
-                area_px=n.area,
-                area_um2=n.area * MPP * MPP,
-                type=n.type,
-                type_prob=n.type_prob,
-                class_probs=n.class_probs,
-                id=n.label,
-                uuid=str(uuid.uuid5(uuid.NAMESPACE_URL, f"mosaic:{n.label}")),
-            )
-        )
+        placed = n.placed(0, 0, SCALE, SCALE, MPP, label=n.label)
+        nuclei.append(replace(placed, uuid=str(uuid.uuid5(uuid.NAMESPACE_URL, f"mosaic:{n.label}"))))
     full = np.zeros(SHAPE, dtype=np.int32)
     full[:512, :512] = inst
     return full, nuclei
 
 
-def write_like_the_stitcher(path: Path, labels: np.ndarray, nuclei: list[SlideNucleus], **kwargs) -> NucleiZarr:
+def write_like_the_stitcher(path: Path, labels: np.ndarray, nuclei: list[Nucleus], **kwargs) -> NucleiZarr:
     """Cores in a shuffled order with owned nuclei only, then the spill via merge()."""
     store = NucleiZarr(path, labels.shape, CHUNK, CONSEP_CLASSES, MPP, **kwargs)
-    centroid_px = {n.id: (n.centroid[0] / SCALE, n.centroid[1] / SCALE) for n in nuclei}
+    centroid_px = {n.label: (n.centroid[0] / SCALE, n.centroid[1] / SCALE) for n in nuclei}
     cores = [(v0, u0) for v0 in range(0, labels.shape[0], CORE) for u0 in range(0, labels.shape[1], CORE)]
     rng = random.Random(5)
     rng.shuffle(cores)
@@ -114,7 +102,7 @@ def test_labels_table_and_pyramid_read_back(written, mosaic) -> None:
     levels = pyramid_levels(SHAPE, CHUNK)
     assert levels == store.levels == 5  # 640 -> 320 -> 160 -> 80 -> 40 <= 64
     types = np.zeros(len(nuclei) + 1, dtype=np.int64)
-    types[[n.id for n in nuclei]] = [n.type for n in nuclei]
+    types[[n.label for n in nuclei]] = [n.type for n in nuclei]
     for level in range(levels):
         instance = root[f"labels/{LABELS}/{level}"]
         assert instance.dtype == np.int32
@@ -127,7 +115,7 @@ def test_labels_table_and_pyramid_read_back(written, mosaic) -> None:
     assert table.attrs["count"] == len(nuclei)
     assert np.array_equal(np.sort(ids), np.arange(1, len(nuclei) + 1))
     assert set(np.unique(labels)) - {0} == set(ids.tolist())
-    by_id = {n.id: n for n in nuclei}
+    by_id = {n.label: n for n in nuclei}
     assert np.array_equal(table["type"][:], [by_id[i].type for i in ids])
     assert np.allclose(table["centroid"][:], [by_id[i].centroid for i in ids])
     assert np.allclose(table["bbox"][:], [by_id[i].bbox for i in ids])
@@ -269,8 +257,8 @@ def test_untyped_nuclei_get_their_own_class_value(tmp_path: Path, mosaic) -> Non
     labels[30:33, 30:33] = 7  # a label without a table row: no class to show
     store.write_core(0, 0, labels)
     first, second = nuclei[0], nuclei[1]
-    store.add(SlideNucleus(**{**first.__dict__, "id": 1, "type": 0}))
-    store.add(SlideNucleus(**{**second.__dict__, "id": 2, "type": 3}))
+    store.add(Nucleus(**{**first.__dict__, "label": 1, "type": 0}))
+    store.add(Nucleus(**{**second.__dict__, "label": 2, "type": 3}))
     store.close()
     classes = zarr.open_group(tmp_path / "u.zarr", mode="r")[f"labels/{CLASS_LABELS}/0"][:]
     assert classes[6, 6] == UNTYPED_VALUE and classes[22, 22] == 3 and classes[0, 0] == classes[31, 31] == 0
@@ -290,32 +278,28 @@ def test_a_slide_without_nuclei_closes_cleanly(tmp_path: Path) -> None:
     assert not root[f"labels/{LABELS}/2"][:].any()
 
 
-def test_the_real_stitcher_feeds_both_outputs(tmp_path: Path, consep_train: Path, mosaic) -> None:
-    """End to end below the scheduler: a pyramidal TIFF of the CoNSeP mosaic, tiles run
-    by the worker with ground-truth maps (a real alternative engine), results stitched in
-    a shuffled order into the Zarr store and the GeoJSON: label ids = table ids = Features."""
-    from wsi_pipeline.engine.gt_maps import GroundTruthMaps
+def test_the_real_stitcher_feeds_both_outputs(tmp_path: Path) -> None:
+    """End to end below the scheduler: a pyramidal TIFF of a synthetic crowded field of
+    typed nuclei (no data download needed), tiles run by the worker with ground-truth maps
+    (a real alternative engine), results stitched in a shuffled order into the Zarr store
+    and the GeoJSON: label ids = table ids = Features."""
+    from wsi_pipeline.data.gt_maps import GroundTruthMaps
     from wsi_pipeline.metrics import pq
     from wsi_pipeline.slide._image import ArraySlide
     from wsi_pipeline.slide.base import SlideSpec
     from wsi_pipeline.slide.pyramid import write_pyramid
+    from wsi_pipeline.slide.synthetic import synthetic_nuclei
     from wsi_pipeline.stitch import Stitcher
     from wsi_pipeline.tiling import tile_grid
     from wsi_pipeline.worker import TileTask, process_tile
 
-    labels = mosaic[0][:512, :512]
-    image = np.vstack(
-        [
-            np.hstack([np.asarray(Image.open(consep_train / "images" / f"{n}.jpg"))[..., :3] for n in row])
-            for row in CROPS
-        ]
+    image, labels, types = synthetic_nuclei(
+        512, 512, MPP, seed=3, num_types=len(CONSEP_CLASSES), spacing_um=5.5, radius_um=(2.0, 3.5)
     )
-    types = np.zeros(len(mosaic[1]) + 1, dtype=np.int64)
-    types[[n.id for n in mosaic[1]]] = [n.type for n in mosaic[1]]
     slide = tmp_path / "mosaic.tif"
     write_pyramid(ArraySlide(image, mpp=MPP), slide)
     tiles = tile_grid(512, 512, MPP, MPP, CORE, 96)
-    engine = GroundTruthMaps(labels, types[labels], num_types=len(CONSEP_CLASSES) + 1)
+    engine = GroundTruthMaps(labels, types, num_types=len(CONSEP_CLASSES) + 1)
     results = [process_tile(TileTask(SlideSpec(str(slide)), t, "", MPP), engine) for t in tiles]
     random.Random(3).shuffle(results)
 
@@ -342,7 +326,7 @@ def test_the_real_stitcher_feeds_both_outputs(tmp_path: Path, consep_train: Path
         replay.add(result)
     replay.finish()
     assert np.array_equal(written, reference.array)
-    # and the nuclei are the mosaic's (HoVer post-processing of ground-truth maps: PQ ~0.9)
+    # and the nuclei are the annotated ones (HoVer post-processing of ground-truth maps)
     assert pq(labels, written)[2] > 0.85
     # Each nucleus' class in the class image is its table type.
     lookup = np.zeros(stats.nuclei + 1, dtype=np.int64)

@@ -61,15 +61,15 @@ def test_nucleus_record_geometry_and_pixel_edge_convention() -> None:
     res = postprocess((inst > 0).astype(np.float32), hv_map(inst))
     (nuc,) = res.nuclei
     assert nuc.label == 1
-    assert nuc.area == 100
+    assert nuc.area_px == 100
     assert nuc.bbox == (20, 10, 30, 20)  # x0, y0, x1, y1 with x1/y1 exclusive
     assert nuc.centroid == pytest.approx((25.0, 15.0))  # pixel (r, c) spans [c, c+1] x [r, r+1]
-    poly = shapely.Polygon(nuc.contour)
+    poly = shapely.Polygon(nuc.polygon)
     assert poly.is_valid
     assert poly.bounds == pytest.approx((20.0, 10.0, 30.0, 20.0))
     assert poly.area == pytest.approx(100 - 4 * 0.125)  # marching squares cuts each corner by 1/8 px^2
-    assert nuc.contour.dtype == np.float32 and nuc.contour.shape[1] == 2
-    assert not np.array_equal(nuc.contour[0], nuc.contour[-1])  # open ring
+    assert nuc.polygon.dtype == np.float32 and nuc.polygon.shape[1] == 2
+    assert not np.array_equal(nuc.polygon[0], nuc.polygon[-1])  # open ring
     assert nuc.type == 0 and nuc.class_probs.shape == (0,)
     assert nuc.type_prob == pytest.approx(1.0)  # mean NP probability without a TP map
 
@@ -141,7 +141,7 @@ def test_contours_are_valid_polygons_that_hold_exactly_their_pixels(
     # Watershed regions are 4-connected; 8-connected pieces (diagonal steps) must work too.
     inst = ndi.label(mask, structure=np.ones((3, 3)) if eight else None)[0].astype(np.int32)
     for nuc in describe_nuclei(inst, mask.astype(np.float32)):
-        poly = shapely.Polygon(nuc.contour)
+        poly = shapely.Polygon(nuc.polygon)
         assert poly.is_valid, shapely.is_valid_reason(poly)
         x0, y0, x1, y1 = nuc.bbox
         own = ndi.binary_fill_holes(inst[y0:y1, x0:x1] == nuc.label)
@@ -196,7 +196,7 @@ def test_ground_truth_maps_round_trip_on_consep(consep_crops) -> None:
         pred_types = lookup[res.inst_map]
         items.append((name, inst, types, res.inst_map, pred_types))
         for nuc in res.nuclei[:20]:
-            assert shapely.Polygon(nuc.contour).is_valid
+            assert shapely.Polygon(nuc.polygon).is_valid
     scores = metrics.score_images(items)
     assert scores["pq"] > 0.85
     assert scores["dice"] > 0.95

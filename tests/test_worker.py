@@ -17,8 +17,8 @@ import tifffile
 import torch
 from PIL import Image
 
-from wsi_pipeline.data.classes import CONSEP_CLASSES
-from wsi_pipeline.engine.gt_maps import GroundTruthMaps
+from wsi_pipeline.classes import CONSEP_CLASSES
+from wsi_pipeline.data.gt_maps import GroundTruthMaps
 from wsi_pipeline.engine.infer import InferenceConfig, Maps, TileInferer
 from wsi_pipeline.engine.model import ChannelSpec, HoVerNet
 from wsi_pipeline.engine.postproc import PostprocConfig

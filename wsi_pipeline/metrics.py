@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from wsi_pipeline.classes import majority_types
 from wsi_pipeline.errors import DataError
 
 PAIRING_RADIUS_PX = 12.0
@@ -218,9 +219,10 @@ def pq(true: np.ndarray, pred: np.ndarray, iou: float = 0.5) -> tuple[float, flo
 def centroids_and_types(inst_map: np.ndarray, type_map: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Centroid (x, y) (mean pixel index) and majority type of every instance, in label order.
 
-    The type ignores background (0) pixels of ``type_map`` inside the
-    instance; an instance whose pixels are all 0 gets type 0. Without a
-    ``type_map`` every type is 0.
+    The type is :func:`wsi_pipeline.classes.majority_types` (the one rule the
+    post-processing and the datasets use too): background (0) pixels of
+    ``type_map`` inside the instance are ignored, an instance whose pixels are
+    all 0 gets type 0. Without a ``type_map`` every type is 0.
     """
     inst, n = _consecutive(np.asarray(inst_map))
     if n == 0:
@@ -238,11 +240,8 @@ def centroids_and_types(inst_map: np.ndarray, type_map: np.ndarray | None = None
         raise ValueError(f"type_map {types.shape} and inst_map {inst.shape} differ in size")
     if types.min() < 0:
         raise ValueError("type_map holds negative values")
-    n_types = int(types.max()) + 1
-    fg = (flat > 0) & (types.ravel() > 0)
-    votes = np.bincount((flat[fg] - 1) * n_types + types.ravel()[fg], minlength=n * n_types).reshape(n, n_types)
-    majority = np.where(votes.max(axis=1) > 0, np.argmax(votes, axis=1), 0)
-    return centroids, majority.astype(np.int64)
+    majority, _ = majority_types(flat, types, num_labels=n + 1)
+    return centroids, majority[1:]
 
 
 def pair_centroids(
@@ -331,10 +330,6 @@ def _ratio(num: float, den: float) -> float | None:
 
 
 ScoreItem = tuple[str, np.ndarray, np.ndarray | None, np.ndarray, np.ndarray | None]
-
-
-def _instance_types(inst: np.ndarray, type_map: np.ndarray) -> np.ndarray:
-    return centroids_and_types(inst, type_map)[1]
 
 
 def _class_pq(ov: _Overlap, true_types: np.ndarray, pred_types: np.ndarray) -> dict[str, float | None]:

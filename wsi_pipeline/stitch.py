@@ -24,19 +24,18 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
 
+from wsi_pipeline.nuclei import Nucleus, TileResult
 from wsi_pipeline.tiling import Tile
-from wsi_pipeline.worker import TileNucleus, TileResult
 
 __all__ = [
     "NUCLEUS_NAMESPACE",
     "LabelSink",
     "NucleusSink",
-    "SlideNucleus",
     "StitchStats",
     "Stitcher",
     "nucleus_uuid",
@@ -49,15 +48,6 @@ NUCLEUS_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/wsi-pipel
 def nucleus_uuid(slide_name: str, model_checksum: str, nucleus_id: int) -> str:
     """The nucleus' UUID: the same slide, model and id always give the same one."""
     return str(uuid.uuid5(NUCLEUS_NAMESPACE, f"{slide_name}:{model_checksum}:{nucleus_id}"))
-
-
-@dataclass
-class SlideNucleus(TileNucleus):
-    """A nucleus with its global identity: ``id`` is its value in the label image
-    (1..N, consecutive, deterministic), ``uuid`` its GeoJSON feature id."""
-
-    id: int
-    uuid: str
 
 
 class LabelSink(Protocol):
@@ -75,7 +65,9 @@ class LabelSink(Protocol):
 class NucleusSink(Protocol):
     """Where nucleus records go (GeoJSON writer, Zarr table)."""
 
-    def add(self, nucleus: SlideNucleus) -> None: ...
+    def add(self, nucleus: Nucleus) -> None:
+        """Take one stitched nucleus: ``label`` is its global id, ``uuid`` set."""
+        ...
 
 
 @dataclass
@@ -108,7 +100,9 @@ class Stitcher:
 
     ``tiles``: the slide's tiles (the grid :func:`wsi_pipeline.tiling.tile_grid` made,
     in its order); ids follow this order. ``labels``: the label image, or None to skip
-    it. ``sinks``: receive every :class:`SlideNucleus` in id order.
+    it. ``sinks``: receive every nucleus in id order, as a :class:`~wsi_pipeline.nuclei.Nucleus`
+    whose ``label`` is its global id (its value in the label image) and ``uuid`` its
+    feature id.
     """
 
     def __init__(
@@ -202,17 +196,8 @@ class Stitcher:
         stats = self._stats
         for k, nucleus in enumerate(result.nuclei, start=1):
             nucleus_id = offset + k
-            record = SlideNucleus(
-                polygon=nucleus.polygon,
-                centroid=nucleus.centroid,
-                bbox=nucleus.bbox,
-                area_px=nucleus.area_px,
-                area_um2=nucleus.area_um2,
-                type=nucleus.type,
-                type_prob=nucleus.type_prob,
-                class_probs=nucleus.class_probs,
-                id=nucleus_id,
-                uuid=nucleus_uuid(self._slide_name, self._model_checksum, nucleus_id),
+            record = replace(
+                nucleus, label=nucleus_id, uuid=nucleus_uuid(self._slide_name, self._model_checksum, nucleus_id)
             )
             t0 = time.perf_counter()
             for sink in self._sinks:

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from wsi_pipeline.slide.base import level0_scale, size_at_mpp
 from wsi_pipeline.slide.tissue import TissueMask
 
 _EPS = 1e-6
@@ -126,9 +127,10 @@ class Tile:
 
 
 def target_size(width0: int, height0: int, mpp0: float | tuple[float, float], target_mpp: float) -> tuple[int, int]:
-    """Slide size at ``target_mpp``: every target pixel overlapping the slide."""
-    fx, fy = _scales(mpp0, target_mpp)
-    return max(1, math.ceil(width0 / fx - _EPS)), max(1, math.ceil(height0 / fy - _EPS))
+    """Slide size at ``target_mpp``: every target pixel overlapping the slide
+    (:func:`wsi_pipeline.slide.base.size_at_mpp`, so the grid covers exactly the slide's
+    :meth:`~wsi_pipeline.slide.base.Slide.size_at`)."""
+    return size_at_mpp(width0, height0, mpp0, target_mpp)
 
 
 def grid_shape(
@@ -164,7 +166,7 @@ def tile_grid(
         raise ValueError(f"margin must be >= 0, got {margin_px}")
     if width0 <= 0 or height0 <= 0:
         raise ValueError(f"slide size must be positive, got {width0}x{height0}")
-    fx, fy = _scales(mpp0, target_mpp)
+    fx, fy = level0_scale(mpp0, target_mpp)
     width, height = target_size(width0, height0, mpp0, target_mpp)
     rows, cols = math.ceil(height / tile_px), math.ceil(width / tile_px)
     touches = _TissueLookup(tissue) if tissue is not None else None
@@ -174,7 +176,7 @@ def tile_grid(
             core = PixelBox(
                 col * tile_px, row * tile_px, min((col + 1) * tile_px, width), min((row + 1) * tile_px, height)
             )
-            core0 = _to_level0(core, fx, fy, width0, height0)
+            core0 = _to_level0(core, fx, fy, (width, height), (width0, height0))
             if touches is not None and not touches(core0):
                 continue
             read = PixelBox(
@@ -191,7 +193,7 @@ def tile_grid(
                     core=core,
                     read=read,
                     core_level0=core0,
-                    read_level0=_to_level0(read, fx, fy, width0, height0),
+                    read_level0=_to_level0(read, fx, fy, (width, height), (width0, height0)),
                     scale_x=fx,
                     scale_y=fy,
                 )
@@ -199,16 +201,17 @@ def tile_grid(
     return tiles
 
 
-def _scales(mpp0: float | tuple[float, float], target_mpp: float) -> tuple[float, float]:
-    mpp_x, mpp_y = (mpp0, mpp0) if isinstance(mpp0, int | float) else mpp0
-    if not (mpp_x > 0 and mpp_y > 0 and target_mpp > 0):
-        raise ValueError(f"µm/px must be positive: slide {mpp0}, target {target_mpp}")
-    return target_mpp / mpp_x, target_mpp / mpp_y
+def _to_level0(box: PixelBox, fx: float, fy: float, size: tuple[int, int], size0: tuple[int, int]) -> Level0Box:
+    """The box in level-0 pixels, clipped to the slide.
 
-
-def _to_level0(box: PixelBox, fx: float, fy: float, width0: int, height0: int) -> Level0Box:
-    # The same products for shared edges of neighbours, so level-0 cores abut exactly.
-    return Level0Box(box.x0 * fx, box.y0 * fy, min(box.x1 * fx, float(width0)), min(box.y1 * fy, float(height0)))
+    The same products for shared edges of neighbours, so level-0 cores abut exactly. A box
+    that ends at the grid's last pixel ends at the slide's edge: ``width * fx`` can fall an
+    ulp short of ``width0`` (2277 x 1.0979... = 2499.9999999999995 for a 2500 px slide).
+    """
+    (width, height), (width0, height0) = size, size0
+    x1 = float(width0) if box.x1 >= width else min(box.x1 * fx, float(width0))
+    y1 = float(height0) if box.y1 >= height else min(box.y1 * fy, float(height0))
+    return Level0Box(box.x0 * fx, box.y0 * fy, x1, y1)
 
 
 class _TissueLookup:

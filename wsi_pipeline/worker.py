@@ -36,7 +36,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from wsi_pipeline.engine.infer import InferenceConfig, Maps, TileInferer
-from wsi_pipeline.engine.postproc import Nucleus, PostprocConfig, postprocess
+from wsi_pipeline.engine.postproc import PostprocConfig, postprocess
+from wsi_pipeline.nuclei import Nucleus, TileResult
 from wsi_pipeline.slide.base import Slide, SlideSpec
 from wsi_pipeline.tiling import PixelBox, Tile
 
@@ -44,7 +45,6 @@ __all__ = [
     "MAX_NUCLEUS_UM",
     "MapsFn",
     "PatchGeometry",
-    "TileNucleus",
     "TileResult",
     "TileTask",
     "cache_info",
@@ -82,49 +82,6 @@ class TileTask:
     mpp: float
     infer: InferenceConfig = field(default_factory=InferenceConfig)
     postproc: PostprocConfig = field(default_factory=PostprocConfig)
-
-
-@dataclass
-class TileNucleus:
-    """One nucleus in slide-global level-0 coordinates.
-
-    ``polygon`` is an open ring (N, 2) of float64 x, y (the writers close it), a valid
-    simple polygon; ``area_px`` counts pixels at the inference resolution, ``area_um2``
-    is the same area in µm². ``type`` is 0 and ``class_probs`` empty for a model
-    without a type branch; ``class_probs`` holds every channel's mean probability,
-    background at index 0.
-    """
-
-    polygon: np.ndarray
-    centroid: tuple[float, float]
-    bbox: tuple[float, float, float, float]
-    area_px: int
-    area_um2: float
-    type: int
-    type_prob: float
-    class_probs: np.ndarray
-
-
-@dataclass
-class TileResult:
-    """What a tile sends back to the stitcher.
-
-    ``nuclei``: only the owned ones, in a deterministic order (the post-processing's
-    label order, which depends only on the read image). ``core_labels``: int32
-    (core.height, core.width) at the inference resolution, value ``i + 1`` where
-    ``nuclei[i]`` covers the pixel, 0 elsewhere. ``spill``: ``(u0, v0, patch)``
-    pieces of owned nuclei outside the core, top-left corner in slide-global target
-    pixels, same values. ``seconds``: {"read", "infer", "postprocess"}; the last
-    includes ownership and the geometry conversions.
-    """
-
-    index: int
-    nuclei: list[TileNucleus]
-    core_labels: np.ndarray
-    spill: list[tuple[int, int, np.ndarray]]
-    edge_touching: int
-    seconds: dict[str, float]
-    worker: str
 
 
 # (rgb of the read region, task) -> maps of the same height/width.
@@ -348,35 +305,13 @@ def _owned(task: TileTask, inst_map: np.ndarray, nuclei: list[Nucleus], slide_si
     open_right, open_bottom = read.x1 < slide_size[0], read.y1 < slide_size[1]
 
     lut = np.zeros(int(inst_map.max()) + 1, dtype=np.int32)
-    kept: list[TileNucleus] = []
+    kept: list[Nucleus] = []
     touching = 0
-    pixel_um2 = task.mpp * task.mpp
     for nucleus in nuclei:
         cx, cy = nucleus.centroid
         if not core.contains(read.x0 + cx, read.y0 + cy):
             continue
-        kept.append(
-            TileNucleus(
-                polygon=np.column_stack(
-                    (
-                        (read.x0 + nucleus.contour[:, 0].astype(np.float64)) * sx,
-                        (read.y0 + nucleus.contour[:, 1].astype(np.float64)) * sy,
-                    )
-                ),
-                centroid=((read.x0 + cx) * sx, (read.y0 + cy) * sy),
-                bbox=(
-                    (read.x0 + nucleus.bbox[0]) * sx,
-                    (read.y0 + nucleus.bbox[1]) * sy,
-                    (read.x0 + nucleus.bbox[2]) * sx,
-                    (read.y0 + nucleus.bbox[3]) * sy,
-                ),
-                area_px=int(nucleus.area),
-                area_um2=float(nucleus.area) * pixel_um2,
-                type=int(nucleus.type),
-                type_prob=float(nucleus.type_prob),
-                class_probs=np.asarray(nucleus.class_probs, dtype=np.float32),
-            )
-        )
+        kept.append(nucleus.placed(read.x0, read.y0, sx, sy, task.mpp, label=len(kept) + 1))
         lut[nucleus.label] = len(kept)
         x0, y0, x1, y1 = nucleus.bbox
         if (

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from wsi_pipeline.classes import CONSEP_CLASSES, PANNUKE_CLASSES
 from wsi_pipeline.data.augment import Augmenter
-from wsi_pipeline.data.classes import CONSEP_CLASSES, PANNUKE_CLASSES
 from wsi_pipeline.data.dataset import DEFAULT_MPP, LabelledDataset, LazySamples, Sample, source_of
 from wsi_pipeline.data.detect import FORMATS, detect_format
 from wsi_pipeline.data.load import load_dataset

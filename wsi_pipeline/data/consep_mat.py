@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 
-from wsi_pipeline.data.classes import CONSEP_CLASSES, read_dataset_json
+from wsi_pipeline.classes import CONSEP_CLASSES
 from wsi_pipeline.data.dataset import DEFAULT_MPP, LabelledDataset, as_label_array, assemble_dataset, highest_type
+from wsi_pipeline.data.dataset_json import read_dataset_json
 from wsi_pipeline.data.folder import pair_files
 from wsi_pipeline.data.images import IMAGE_SUFFIXES
 from wsi_pipeline.errors import DataError

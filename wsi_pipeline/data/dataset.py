@@ -17,6 +17,7 @@ from typing import Any, overload
 
 import numpy as np
 
+from wsi_pipeline.classes import majority_types
 from wsi_pipeline.data.images import read_rgb
 from wsi_pipeline.errors import DataError
 
@@ -45,7 +46,7 @@ class Sample:
     """One annotated image.
 
     ``inst_map`` holds 0 for background and 1..N for nuclei; ``type_map`` (same size) holds
-    the class id (see :mod:`wsi_pipeline.data.classes`) or is None for datasets without classes.
+    the class id (see :mod:`wsi_pipeline.classes`) or is None for datasets without classes.
     """
 
     name: str
@@ -253,15 +254,14 @@ def assemble_dataset(
 
 
 def instance_types(inst_map: np.ndarray, type_map: np.ndarray) -> dict[int, int]:
-    """Class of each instance by majority vote of its pixels (HoVer-Net's convention)."""
-    ids = inst_map.ravel()
-    mask = ids > 0
-    if not mask.any():
+    """Class of each instance present in ``inst_map``, by the project's one majority rule.
+
+    :func:`wsi_pipeline.classes.majority_types`: the most frequent non-background type
+    of its pixels, background only when none is typed, so the class counts that drive
+    the dev split and the balanced sampler are those the metrics score.
+    """
+    ids = np.asarray(inst_map).ravel()
+    if not (ids > 0).any():
         return {}
-    ids = ids[mask].astype(np.int64)
-    types = type_map.ravel()[mask].astype(np.int64)
-    ntypes = int(types.max()) + 1
-    counts = np.bincount(ids * ntypes + types, minlength=(int(ids.max()) + 1) * ntypes)
-    counts = counts.reshape(-1, ntypes)
-    present = np.flatnonzero(counts.sum(1))
-    return {int(i): int(counts[i].argmax()) for i in present}
+    majority, votes = majority_types(ids, type_map)
+    return {int(i): int(majority[i]) for i in np.flatnonzero(votes)}  # a present id has >= 1 vote

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_pipeline.data.classes import CONSEP_CLASSES, generic_classes, read_dataset_json
+from wsi_pipeline.classes import CONSEP_CLASSES, generic_classes
 from wsi_pipeline.data.dataset import DEFAULT_MPP, LabelledDataset, as_label_array, assemble_dataset, highest_type
+from wsi_pipeline.data.dataset_json import read_dataset_json
 from wsi_pipeline.data.images import IMAGE_SUFFIXES
 from wsi_pipeline.errors import DataError
 

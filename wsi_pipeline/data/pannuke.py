@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_pipeline.data.classes import PANNUKE_CLASSES
+from wsi_pipeline.classes import PANNUKE_CLASSES
 from wsi_pipeline.data.dataset import DEFAULT_MPP, LabelledDataset, LazySamples, Sample
 from wsi_pipeline.errors import DataError
 

@@ -23,7 +23,7 @@ pixel ``s`` therefore map to level 0 as ``(ox + x * s, oy + y * s)``, exactly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from typing import Literal
 
@@ -33,13 +33,14 @@ from scipy import ndimage as ndi
 from skimage.measure import find_contours
 from skimage.segmentation import relabel_sequential, watershed
 
+from wsi_pipeline.classes import majority_types
 from wsi_pipeline.errors import ConfigError
+from wsi_pipeline.nuclei import Nucleus
 
 HvNorm = Literal["none", "minmax"]
 
 __all__ = [
     "HvNorm",
-    "Nucleus",
     "PostprocConfig",
     "PostprocResult",
     "boundary_energy",
@@ -95,30 +96,13 @@ class PostprocConfig:
 
 
 @dataclass
-class Nucleus:
-    """One nucleus, in the pixel grid of the maps it came from (pixel-edge convention).
-
-    ``contour`` is an open ring (first point not repeated) of float32 (x, y)
-    vertices tracing the pixel boundary at half-pixel resolution (marching
-    squares), always a valid simple polygon for shapely. ``type_prob`` is the
-    fraction of the nucleus' pixels whose arg-max class is ``type`` (the
-    official definition); without a TP map, ``type`` is 0, ``type_prob`` the
-    mean NP probability and ``class_probs`` empty.
-    """
-
-    label: int
-    centroid: tuple[float, float]
-    bbox: tuple[int, int, int, int]
-    area: int
-    contour: np.ndarray
-    type: int
-    type_prob: float
-    class_probs: np.ndarray = field(repr=False)
-
-
-@dataclass
 class PostprocResult:
-    """Instance map (int32, 0 = background, labels 1..N) and one Nucleus per label, in label order."""
+    """Instance map (int32, 0 = background, labels 1..N) and one Nucleus per label, in label order.
+
+    The nuclei are in the maps' pixel grid: ``polygon`` float32 (marching squares at
+    half-pixel resolution, always a valid simple polygon for shapely), ``bbox`` whole
+    pixels, ``area_um2`` and ``uuid`` unset (the worker places them in the slide).
+    """
 
     inst_map: np.ndarray
     nuclei: list[Nucleus]
@@ -248,11 +232,8 @@ def describe_nuclei(inst_map: np.ndarray, np_prob: np.ndarray, tp_prob: np.ndarr
         for c in range(1, n_cls):
             better = probs[c] > best
             best[better], pix_type[better] = probs[c][better], c
-        votes = np.bincount(lab * n_cls + pix_type, minlength=(n + 1) * n_cls).reshape(n + 1, n_cls)
-        # Majority over the foreground classes; background only when no pixel votes otherwise.
-        fg_votes = votes[:, 1:]
-        types = np.where(fg_votes.max(axis=1) > 0, np.argmax(fg_votes, axis=1) + 1, 0)
-        type_prob = votes[np.arange(n + 1), types] / safe_area
+        types, votes = majority_types(lab, pix_type, num_labels=n + 1, num_types=n_cls)
+        type_prob = votes / safe_area
     else:
         class_probs = np.zeros((n + 1, 0), dtype=np.float32)
         types = np.zeros(n + 1, dtype=np.int64)
@@ -269,10 +250,10 @@ def describe_nuclei(inst_map: np.ndarray, np_prob: np.ndarray, tp_prob: np.ndarr
         nuclei.append(
             Nucleus(
                 label=label,
+                polygon=contour,
                 centroid=(float(cx[label]), float(cy[label])),
                 bbox=(int(x0), int(y0), int(x1), int(y1)),
-                area=int(area[label]),
-                contour=contour,
+                area_px=int(area[label]),
                 type=int(types[label]),
                 type_prob=float(type_prob[label]),
                 class_probs=class_probs[label].astype(np.float32),

@@ -227,7 +227,7 @@ def default_classes(num_types: int | None) -> list[dict[str, Any]]:
     6 type channels are the public PanNuke models, 5 the CoNSeP ones (HoVer-Net's
     4-class convention); other counts get generic names.
     """
-    from wsi_pipeline.data.classes import CONSEP_CLASSES, PANNUKE_CLASSES, generic_classes
+    from wsi_pipeline.classes import CONSEP_CLASSES, PANNUKE_CLASSES, generic_classes
 
     if num_types is None or num_types < 2:
         return []

@@ -36,7 +36,7 @@ import shapely
 from shapely.geometry import MultiPolygon, Polygon
 from shapely.validation import make_valid
 
-from wsi_pipeline.stitch import SlideNucleus
+from wsi_pipeline.nuclei import Nucleus
 
 AREA_KEY = "Area µm^2"
 PROB_KEY = "Class probability"
@@ -92,7 +92,7 @@ class GeoJSONWriter:
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
         self._batch = batch
-        self._pending: list[SlideNucleus] = []
+        self._pending: list[Nucleus] = []
         self._count = 0
         self._written = 0
         self._repaired = 0
@@ -117,7 +117,7 @@ class GeoJSONWriter:
         """Polygons that needed repair after rounding (reported, normally 0)."""
         return self._repaired
 
-    def add(self, nucleus: SlideNucleus) -> None:
+    def add(self, nucleus: Nucleus) -> None:
         """Queue one nucleus; every ``batch`` nuclei are written out as Features."""
         if self._closed:
             raise RuntimeError(f"{self.path}: add() after close()")
@@ -127,7 +127,7 @@ class GeoJSONWriter:
         if len(self._pending) >= self._batch:
             self._flush()
 
-    def feature(self, nucleus: SlideNucleus, rings: list[list[list[float]]] | None = None) -> dict[str, Any]:
+    def feature(self, nucleus: Nucleus, rings: list[list[list[float]]] | None = None) -> dict[str, Any]:
         """The Feature for one nucleus (a small dict; the collection is never held).
 
         ``rings`` are its GeoJSON rings when already computed (batched), else they are
@@ -137,7 +137,7 @@ class GeoJSONWriter:
             self._repaired += repaired
         measurements: dict[str, float] = {
             AREA_KEY: round(float(nucleus.area_um2), self.decimals),
-            LABEL_KEY: int(nucleus.id),
+            LABEL_KEY: int(nucleus.label),
         }
         probs = np.asarray(nucleus.class_probs, dtype=np.float64).ravel()
         if probs.size:
@@ -153,7 +153,7 @@ class GeoJSONWriter:
                 "objectType": "detection",
                 "classification": self._classification(int(nucleus.type)),
                 "measurements": measurements,
-                "label_id": int(nucleus.id),
+                "label_id": int(nucleus.label),
             },
         }
 

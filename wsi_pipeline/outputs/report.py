@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 
 from wsi_pipeline.atomic import write_text_atomic
+from wsi_pipeline.nuclei import Nucleus
 from wsi_pipeline.slide.tissue import TissueMask
-from wsi_pipeline.stitch import SlideNucleus
 
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
@@ -223,13 +223,13 @@ class NucleiDensity:
         self.counts = np.zeros((num_types, self.rows, self.cols), dtype=np.int32)
         self.cell_mm2 = (self.cell * slide_mpp[0]) * (self.cell * slide_mpp[1]) / 1e6
 
-    def add(self, nucleus: SlideNucleus) -> None:
+    def add(self, nucleus: Nucleus) -> None:
         x, y = nucleus.centroid
         r = min(max(int(y / self.cell), 0), self.rows - 1)
         c = min(max(int(x / self.cell), 0), self.cols - 1)
         t = int(nucleus.type)
         if not 0 <= t < self.counts.shape[0]:
-            raise ValueError(f"nucleus {nucleus.id} has type {t}, expected 0..{self.counts.shape[0] - 1}")
+            raise ValueError(f"nucleus {nucleus.label} has type {t}, expected 0..{self.counts.shape[0] - 1}")
         self.counts[t, r, c] += 1
 
     @property

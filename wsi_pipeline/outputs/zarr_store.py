@@ -47,7 +47,7 @@ import numpy as np
 import zarr
 
 from wsi_pipeline.errors import DataError
-from wsi_pipeline.stitch import SlideNucleus
+from wsi_pipeline.nuclei import Nucleus
 
 NGFF_VERSION = "0.5"
 LABELS = "nuclei"
@@ -182,13 +182,13 @@ class NucleiZarr:
 
     # -- NucleusSink -------------------------------------------------------------------
 
-    def add(self, nucleus: SlideNucleus) -> None:
+    def add(self, nucleus: Nucleus) -> None:
         """Append one nucleus to the table (buffered)."""
         if self._closed:
             raise RuntimeError(f"{self.path}: add() after close()")
         self._table.add(nucleus)
         self._count += 1
-        self._max_id = max(self._max_id, int(nucleus.id))
+        self._max_id = max(self._max_id, int(nucleus.label))
 
     @property
     def count(self) -> int:
@@ -345,10 +345,10 @@ class _TableWriter:
         group.attrs.update({"columns": columns, "label_image": f"labels/{LABELS}"})
         self._rows = 0
 
-    def add(self, nucleus: SlideNucleus) -> None:
+    def add(self, nucleus: Nucleus) -> None:
         row = self._rows
         b = self._buffers
-        b["label_id"][row] = nucleus.id
+        b["label_id"][row] = nucleus.label
         b["centroid"][row] = nucleus.centroid
         b["bbox"][row] = nucleus.bbox
         b["type"][row] = nucleus.type

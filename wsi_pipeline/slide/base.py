@@ -166,13 +166,13 @@ class Slide(ABC):
     def scale(self, mpp: float) -> tuple[float, float]:
         """Level-0 pixels per output pixel (x, y) for a read at ``mpp``."""
         _check_mpp(mpp)
-        return mpp / self.mpp_x, mpp / self.mpp_y
+        return level0_scale((self.mpp_x, self.mpp_y), mpp)
 
     def size_at(self, mpp: float) -> tuple[int, int]:
         """(width, height) of the whole slide at ``mpp``: every output pixel that
         overlaps the slide, the last one possibly only partly (read as white)."""
-        fx, fy = self.scale(mpp)
-        return _ceil(self.width / fx), _ceil(self.height / fy)
+        _check_mpp(mpp)
+        return size_at_mpp(self.width, self.height, (self.mpp_x, self.mpp_y), mpp)
 
     def best_level(self, mpp: float) -> int:
         """Index of the coarsest level that is not coarser than ``mpp``; level 0 when
@@ -348,6 +348,27 @@ class Slide(ABC):
             ) from exc
         out[iy0 - y : iy1 - y, ix0 - x : ix1 - x] = region
         return out
+
+
+def level0_scale(mpp0: float | tuple[float, float], target_mpp: float) -> tuple[float, float]:
+    """Level-0 pixels per target pixel (x, y) of a slide at ``mpp0`` µm/px (one value or (x, y))."""
+    mpp_x, mpp_y = (mpp0, mpp0) if isinstance(mpp0, int | float) else mpp0
+    if not (mpp_x > 0 and mpp_y > 0 and target_mpp > 0):
+        raise ValueError(f"µm/px must be positive: slide {mpp0}, target {target_mpp}")
+    return target_mpp / mpp_x, target_mpp / mpp_y
+
+
+def size_at_mpp(width0: float, height0: float, mpp0: float | tuple[float, float], target_mpp: float) -> tuple[int, int]:
+    """(width, height) at ``target_mpp`` of a level-0 extent ``width0`` x ``height0`` at ``mpp0``.
+
+    Every target pixel that overlaps the extent counts, the last one possibly only
+    partly (read as white), ignoring float noise (4440.0000000001 -> 4440), at least 1.
+    The one definition of "a slide's size at a resolution": the slide's own
+    :meth:`Slide.size_at`, the tile grid and the all-tissue mask use it, so a thumbnail,
+    the grid and the label image always agree on the size of the same slide.
+    """
+    fx, fy = level0_scale(mpp0, target_mpp)
+    return _ceil(width0 / fx), _ceil(height0 / fy)
 
 
 def _check_mpp(mpp: float) -> None:

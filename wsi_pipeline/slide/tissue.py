@@ -10,13 +10,12 @@ thumbnail) and fine enough to decide which 0.5 mm tiles hold tissue.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
-from wsi_pipeline.slide.base import Slide
+from wsi_pipeline.slide.base import Slide, level0_scale, size_at_mpp
 
 DEFAULT_MASK_MPP = 8.0
 # Otsu's threshold is clipped into this saturation range. Below it, Otsu splits
@@ -59,9 +58,9 @@ class TissueMask:
     @classmethod
     def full(cls, width0: int, height0: int, mpp_x: float, mpp_y: float, mpp: float) -> TissueMask:
         """An all-tissue mask (processing without tissue detection)."""
-        dx, dy = mpp / mpp_x, mpp / mpp_y
-        shape = (max(1, math.ceil(height0 / dy - 1e-6)), max(1, math.ceil(width0 / dx - 1e-6)))
-        return cls(np.ones(shape, dtype=bool), mpp, dx, dy, 0.0)
+        dx, dy = level0_scale((mpp_x, mpp_y), mpp)
+        width, height = size_at_mpp(width0, height0, (mpp_x, mpp_y), mpp)
+        return cls(np.ones((height, width), dtype=bool), mpp, dx, dy, 0.0)
 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:

@@ -1,10 +1,8 @@
-"""Nucleus class names and colours that travel with a dataset.
+"""A folder dataset's own description, ``dataset.json``: its class list and µm/px.
 
-A class list is ``[{"id": int, "name": str, "color": (r, g, b)}, ...]`` holding the
-*foreground* classes only: ids 1..K match the values of the dataset's type maps, and
-id 0 (background / no class) is never listed. A model trained on the dataset therefore
-has ``len(classes) + 1`` type channels. Colours are fixed per dataset so that every
-output (GeoJSON for QuPath, overlays) shows the same class in the same colour.
+The class tables themselves (CoNSeP, PanNuke, generic names and colours) live in
+:mod:`wsi_pipeline.classes`, which the engine and the writers share; this module only
+reads and checks what a user wrote, so a typo is reported against the file that holds it.
 """
 
 from __future__ import annotations
@@ -13,44 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from wsi_pipeline.classes import class_color
 from wsi_pipeline.errors import DataError
-
-# HoVer-Net's 4-class CoNSeP convention (the raw 7 CoNSeP labels merged: 3+4 -> 3, 5+6+7 -> 4).
-CONSEP_CLASSES: list[dict[str, Any]] = [
-    {"id": 1, "name": "other", "color": (255, 165, 0)},
-    {"id": 2, "name": "inflammatory", "color": (255, 0, 0)},
-    {"id": 3, "name": "epithelial", "color": (0, 200, 0)},
-    {"id": 4, "name": "spindle-shaped", "color": (0, 90, 255)},
-]
-
-# PanNuke's mask channels 0..4 in order; type id = channel + 1. Colours follow HoVer-Net's
-# PanNuke type_info so our overlays look like the official ones.
-PANNUKE_CLASSES: list[dict[str, Any]] = [
-    {"id": 1, "name": "neoplastic", "color": (255, 0, 0)},
-    {"id": 2, "name": "inflammatory", "color": (0, 255, 0)},
-    {"id": 3, "name": "connective", "color": (0, 0, 255)},
-    {"id": 4, "name": "dead", "color": (255, 255, 0)},
-    {"id": 5, "name": "epithelial", "color": (255, 165, 0)},
-]
-
-# Distinct colours for datasets that name their classes without colours.
-_PALETTE = [
-    (230, 25, 75),
-    (60, 180, 75),
-    (0, 130, 200),
-    (245, 130, 48),
-    (145, 30, 180),
-    (70, 240, 240),
-    (240, 50, 230),
-    (210, 245, 60),
-    (250, 190, 190),
-    (0, 128, 128),
-]
-
-
-def generic_classes(num: int) -> list[dict[str, Any]]:
-    """Classes ``type_1..type_num`` with palette colours, for type maps without names."""
-    return [{"id": i, "name": f"type_{i}", "color": _PALETTE[(i - 1) % len(_PALETTE)]} for i in range(1, num + 1)]
 
 
 def validate_classes(raw: Any, source: Path) -> list[dict[str, Any]]:
@@ -69,7 +31,7 @@ def validate_classes(raw: Any, source: Path) -> list[dict[str, Any]]:
         cid = entry["id"]
         if not isinstance(cid, int) or cid < 1:
             raise DataError(source, f"class id {cid!r} must be an integer >= 1 (0 is background)", fix)
-        color = entry.get("color", _PALETTE[(cid - 1) % len(_PALETTE)])
+        color = entry.get("color", class_color(cid))
         if not (isinstance(color, list | tuple) and len(color) == 3 and all(0 <= int(c) <= 255 for c in color)):
             raise DataError(source, f"class {entry['name']!r} has colour {color!r}, not [r, g, b] in 0..255", fix)
         out.append({"id": cid, "name": str(entry["name"]), "color": tuple(int(c) for c in color)})

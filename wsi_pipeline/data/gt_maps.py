@@ -11,6 +11,11 @@ the post-processing it gives the recipe's upper bound (DESIGN.md: PQ ~0.9 on CoN
 pushed through the tiled pipeline (``process_tile(task, maps_fn=GroundTruthMaps(...))``)
 it tells whether tiling and stitching change the result, on real nucleus shapes and
 densities, in seconds instead of a model's minutes.
+
+It lives with the datasets, beside the training targets whose HV convention it serves
+(:func:`wsi_pipeline.data.targets.hv_map`): the engine only defines the :class:`Maps` it
+produces and never depends on the data layer. Not imported by ``wsi_pipeline.data``
+itself, because :class:`Maps` comes with the engine (and torch).
 """
 
 from __future__ import annotations
