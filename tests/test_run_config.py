@@ -51,6 +51,7 @@ def test_every_option_has_a_flag_of_its_name() -> None:
         "dask_report": "dask.html",
         "max_in_flight": "7",
         "retries": "0",
+        "lock_wait": "30",
     }
     argv = [part for name, value in flags.items() for part in (f"--{name.replace('_', '-')}", value)]
     given = _given(parse(*argv, "--overwrite", "--no-progress"))

@@ -75,7 +75,8 @@ def test_cli_run_on_a_local_cluster(tmp_path: Path, assets: dict[str, Path], cap
     assert (row["status"], int(row["nuclei"]), row["reason"]) == ("done", total, "")
     assert json.loads((folder / DONE_MARKER).read_text())["nuclei"] == total
     assert dask_report.read_text().lstrip().lower().startswith("<!doctype html")
-    assert sorted(p.name for p in out.iterdir()) == ["batch_report.json", "crop", "process_list.csv"]
+    visible = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert visible == ["batch_report.json", "crop", "process_list.csv"]
 
 
 def test_without_a_default_model_the_run_says_what_to_do(

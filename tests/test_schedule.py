@@ -98,6 +98,24 @@ def test_a_task_error_propagates_with_its_type(client: Client) -> None:
     assert 3 not in seen
 
 
+CALLS: dict[int, int] = {}
+
+
+def always_corrupt(item: int) -> int:
+    """A tile whose bytes are damaged: the same user error however often it is tried."""
+    with FLAKY.lock:
+        CALLS[item] = CALLS.get(item, 0) + 1
+    raise SlideError("slide.tif", f"tile {item} could not be read (corrupt JPEG)", "copy the file again")
+
+
+def test_a_user_error_is_not_retried(client: Client) -> None:
+    CALLS.clear()
+    with pytest.raises(SlideError, match="tile 0 could not be read") as info:
+        stream_tiles(client, range(1), lambda _: None, max_in_flight=1, retries=3, fn=always_corrupt)
+    assert CALLS == {0: 1}  # retries are for workers that died or transient faults, not for bad bytes
+    assert info.value.fix == "copy the file again"
+
+
 FLAKY = Gauge()
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from wsi_pipeline.errors import SlideError
-from wsi_pipeline.slide import find_slides, output_names, slide_stem
+from wsi_pipeline.slide import assign_names, find_slides, slide_stem
 
 
 def _touch(root: Path, *names: str) -> None:
@@ -68,7 +68,15 @@ def test_errors(tmp_path: Path) -> None:
         find_slides([tmp_path / "slide.czi"])
 
 
-def test_output_names_are_unique() -> None:
-    names = output_names([Path("a/x.svs"), Path("b/x.svs"), Path("c/X.tif"), Path("y.ome.tiff")])
-    assert list(names.values()) == ["x", "x-2", "X-3", "y"]
+def test_assign_names_are_unique_and_independent_of_order() -> None:
+    paths = [Path("a/x.svs"), Path("b/x.svs"), Path("c/X.tif"), Path("y.ome.tiff")]
+    names = assign_names(paths)
+    assert len({n.lower() for n in names.values()}) == 4
+    assert names[Path("y.ome.tiff")] == "y"
+    assert all(names[p].startswith(p.name.split(".")[0] + "-") for p in paths[:3])
+    assert assign_names(list(reversed(paths))) == names
+    # a folder already holding a slide's results keeps its name; a taken stem gets a tag
+    owners = {"x": str(Path("b/x.svs").resolve()), "y": ""}
+    again = assign_names(paths, owners)
+    assert again[Path("b/x.svs")] == "x" and again[Path("y.ome.tiff")].startswith("y-")
     assert slide_stem("dir/s.ome.tif") == "s" and slide_stem("s.svs") == "s"

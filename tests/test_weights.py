@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -218,6 +219,21 @@ def test_pickles_of_objects_are_refused(tmp_path: Path) -> None:
     torch.save(NotWeights(), path)
     with pytest.raises(ModelError, match="NotWeights"):
         load_model(path)
+
+
+class RunsACommand:
+    """What a malicious checkpoint holds: a pickle that calls os.system when loaded."""
+
+    def __reduce__(self):
+        return (os.system, ("echo this must never run",))
+
+
+def test_a_pickle_that_would_run_code_is_named_and_refused(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pth"
+    torch.save({"desc": {"conv0.weight": torch.zeros(1)}, "payload": RunsACommand()}, path)
+    with pytest.raises(ModelError, match=r"refusing to unpickle .*arbitrary code") as info:
+        load_model(path)
+    assert "system" in str(info.value) and str(path) in str(info.value) and "Fix:" in str(info.value)
 
 
 def test_non_checkpoints_are_model_errors(tmp_path: Path) -> None:

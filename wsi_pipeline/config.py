@@ -23,7 +23,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from wsi_pipeline.errors import ConfigError
 
 SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"
+OptionsT = TypeVar("OptionsT", bound=BaseModel)
 CLI_SOURCE = "command line"
 
 # The options that change the outputs; scheduling options (workers, scheduler...) and the
@@ -63,13 +64,17 @@ class RunConfig(BaseModel):
     cluster: Literal["local", "slurm", "pbs"] = Field("local", description="cluster to start without --scheduler")
     mpp: float | None = Field(None, gt=0, le=1000, description="slide level-0 µm/px, overriding its metadata")
     target_mpp: float | None = Field(None, gt=0, le=1000, description="inference µm/px (default: the model's)")
-    backend: Literal["auto", "openslide", "tiffslide"] = Field("auto", description="slide reader")
+    backend: Literal["auto", "openslide", "tiffslide", "image"] = Field("auto", description="slide reader")
     overwrite: bool = Field(False, description="redo slides whose outputs exist")
     geojson: Literal["plain", "gz"] = Field("gz", description="GeoJSON compression")
     dask_report: Path | None = Field(None, description="write Dask's performance report (HTML) here")
     max_in_flight: int | None = Field(None, ge=1, le=100_000, description="tiles in flight per slide")
     retries: int = Field(2, ge=0, le=100, description="retries of a failed tile task")
     progress: bool = Field(True, description="progress bar per slide")
+    lock_wait: float = Field(
+        0.0, ge=-1, le=7 * 24 * 3600,
+        description="seconds to wait for another run on the same --out to finish (0: stop at once; -1: forever)",
+    )
 
     @field_validator("device")
     @classmethod
@@ -104,14 +109,14 @@ class RunConfig(BaseModel):
         return {key: data[key] for key in RESULT_OPTIONS}
 
 
-def option_names() -> list[str]:
-    """Every option name RunConfig accepts (underscore form)."""
-    return list(RunConfig.model_fields)
+def option_names(cls: type[BaseModel] = RunConfig) -> list[str]:
+    """Every option name an options model accepts (underscore form)."""
+    return list(cls.model_fields)
 
 
-def _normalise_keys(data: Mapping[str, Any], source: str) -> dict[str, Any]:
+def _normalise_keys(data: Mapping[str, Any], source: str, cls: type[BaseModel]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    known = option_names()
+    known = option_names(cls)
     for raw_key, value in data.items():
         if not isinstance(raw_key, str):
             raise ConfigError(source, f"option names must be text, got {raw_key!r}", f"use one of: {', '.join(known)}")
@@ -126,12 +131,12 @@ def _normalise_keys(data: Mapping[str, Any], source: str) -> dict[str, Any]:
     return out
 
 
-def read_yaml_options(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The options of a YAML config file, keys normalised, not yet validated."""
+def read_yaml_options(path: str | os.PathLike[str], cls: type[BaseModel] = RunConfig) -> dict[str, Any]:
+    """The options of a YAML config file, keys normalised against ``cls``, not yet validated."""
     path = Path(path)
     if not path.is_file():
         problem = "is a folder, not a YAML file" if path.is_dir() else "does not exist"
-        raise ConfigError(path, problem, "pass --config with the path of a YAML file of run options")
+        raise ConfigError(path, problem, "pass --config with the path of a YAML file of options")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
@@ -142,10 +147,10 @@ def read_yaml_options(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(
             path, f"holds a {type(data).__name__}, not a mapping of options", "write one 'option: value' per line"
         )
-    return _normalise_keys(data, str(path))
+    return _normalise_keys(data, str(path), cls)
 
 
-def _validation_problem(exc: ValidationError, origin: Mapping[str, str]) -> ConfigError:
+def _validation_problem(exc: ValidationError, origin: Mapping[str, str], cls: type[BaseModel]) -> ConfigError:
     """The first invalid option as a ConfigError naming its source (file, command line or
     environment variable), the option, the value given and what is allowed."""
     errors = exc.errors()
@@ -159,7 +164,7 @@ def _validation_problem(exc: ValidationError, origin: Mapping[str, str]) -> Conf
                 messages.append(message)
     given = errors[0].get("input")
     source = origin.get(option, CLI_SOURCE)
-    field = RunConfig.model_fields.get(option)
+    field = cls.model_fields.get(option)
     meaning = f" ({field.description})" if field is not None and field.description else ""
     name = f"--{option.replace('_', '-')}" if source == CLI_SOURCE else f"'{option}'"
     return ConfigError(
@@ -169,35 +174,53 @@ def _validation_problem(exc: ValidationError, origin: Mapping[str, str]) -> Conf
     )
 
 
+def load_options(
+    cls: type[OptionsT],
+    config_file: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    defaults_from: Mapping[str, tuple[Any, str]] | None = None,
+) -> OptionsT:
+    """Build an options model (run or train): defaults < YAML file < ``overrides``.
+
+    The one loader behind ``run --config`` and ``train --config``, so both accept the same
+    YAML (``_`` or ``-`` in keys) and report a bad value the same way: the file or "command
+    line", the option, the value and what is allowed. ``overrides`` holds only what the user
+    actually gave (``None`` values are ignored, so argparse defaults of ``None`` mean "not
+    given"). ``defaults_from`` fills options neither source set, as ``{option: (value, source)}``
+    (the run's ``DASK_SCHEDULER_ADDRESS``).
+    """
+    values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    if config_file is not None:
+        for key, value in read_yaml_options(config_file, cls).items():
+            values[key] = value
+            origin[key] = str(config_file)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    for key, value in _normalise_keys(given, CLI_SOURCE, cls).items():
+        values[key] = value
+        origin[key] = CLI_SOURCE
+    for key, (value, source) in (defaults_from or {}).items():
+        if values.get(key) is None and value is not None:
+            values[key] = value
+            origin[key] = source
+    try:
+        return cls(**values)
+    except ValidationError as exc:
+        raise _validation_problem(exc, origin, cls) from None
+
+
 def load_run_config(
     config_file: str | os.PathLike[str] | None = None,
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> RunConfig:
-    """Build the run configuration: defaults < YAML file < ``overrides`` (the command line).
-
-    ``overrides`` holds only the options the user actually gave (``None`` values are
-    ignored, so argparse defaults of ``None`` mean "not given"). ``environ`` (default
-    ``os.environ``) supplies ``DASK_SCHEDULER_ADDRESS`` when no scheduler is set.
-    """
+    """The run configuration (see :func:`load_options`); ``environ`` (default ``os.environ``)
+    supplies ``DASK_SCHEDULER_ADDRESS`` when no scheduler is set, as Dask itself reads it."""
     environ = os.environ if environ is None else environ
-    values: dict[str, Any] = {}
-    origin: dict[str, str] = {}
-    if config_file is not None:
-        for key, value in read_yaml_options(config_file).items():
-            values[key] = value
-            origin[key] = str(config_file)
-    given = {k: v for k, v in (overrides or {}).items() if v is not None}
-    for key, value in _normalise_keys(given, CLI_SOURCE).items():
-        values[key] = value
-        origin[key] = CLI_SOURCE
-    if values.get("scheduler") is None and environ.get(SCHEDULER_ENV):
-        values["scheduler"] = environ[SCHEDULER_ENV]
-        origin["scheduler"] = f"environment variable {SCHEDULER_ENV}"
-    try:
-        return RunConfig(**values)
-    except ValidationError as exc:
-        raise _validation_problem(exc, origin) from None
+    scheduler = environ.get(SCHEDULER_ENV) or None
+    return load_options(
+        RunConfig, config_file, overrides, {"scheduler": (scheduler, f"environment variable {SCHEDULER_ENV}")}
+    )
 
 
 def checksum(data: Any) -> str:

@@ -47,3 +47,26 @@ class DataError(WsiPipelineError):
 
 class ConfigError(WsiPipelineError):
     """An option or configuration file with an invalid value."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was asked to stop (SIGTERM from a scheduler, SIGINT from Ctrl-C).
+
+    A ``KeyboardInterrupt`` so that every ``except Exception`` lets it through and every
+    ``finally`` (partial folders removed, process list written, cluster closed) still runs.
+    """
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        self.signum = int(signum)
+        self.name = signal.Signals(self.signum).name
+        super().__init__(self.name)
+
+    def describe(self) -> str:
+        return self.name
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention for death by a signal: 128 + its number."""
+        return 128 + self.signum

@@ -43,12 +43,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wsi_pipeline.config import RunConfig
-from wsi_pipeline.errors import ConfigError
+from wsi_pipeline.errors import ConfigError, WsiPipelineError
 
 if TYPE_CHECKING:
     from distributed import Client
 
-    from wsi_pipeline.worker import TileResult, TileTask
+    from wsi_pipeline.nuclei import TileResult
+    from wsi_pipeline.worker import TileTask
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +246,27 @@ def performance_report(path: Path | None) -> Iterator[None]:
         yield
 
 
+@dataclass(frozen=True)
+class TaskFailure:
+    """A task's user-level error (a corrupt tile, an unreadable slide), returned as a value.
+
+    Raised on a worker, such an error would be retried ``retries`` times (it cannot succeed:
+    the bytes on disk do not change) and logged with a traceback by every worker that tried.
+    Returned, it reaches the driver once and is raised there as the error it is.
+    """
+
+    error: WsiPipelineError
+
+
+def run_guarded(fn: Callable[[Any], Any], task: Any) -> Any:
+    """Run ``fn(task)`` on a worker, returning user errors as :class:`TaskFailure`; anything
+    else (a bug, memory, a lost file system) still raises, so Dask retries it."""
+    try:
+        return fn(task)
+    except WsiPipelineError as exc:
+        return TaskFailure(exc)
+
+
 def stream_tiles(
     client: Client,
     tasks: Iterable[TileTask],
@@ -263,7 +285,8 @@ def stream_tiles(
     stays bounded however large the slide. At least one task is always in flight, so a
     consumer holding many results cannot stall the stream. Tasks are submitted in order,
     so the earliest missing tile is always the oldest in flight. On any error the
-    remaining tasks are cancelled and the error propagates.
+    remaining tasks are cancelled and the error propagates; a user error (a corrupt tile)
+    is not retried (:func:`run_guarded`).
     """
     from distributed import as_completed
 
@@ -285,7 +308,9 @@ def stream_tiles(
             if item is None:
                 exhausted = True
                 return
-            future = client.submit(fn, item[1], key=f"{name}-{run_id}-{item[0]}", retries=retries, pure=False)
+            future = client.submit(
+                run_guarded, fn, item[1], key=f"{name}-{run_id}-{item[0]}", retries=retries, pure=False
+            )
             live.add(future)
             running.add(future)
 
@@ -296,6 +321,8 @@ def stream_tiles(
             live.discard(future)
             result = future.result()
             future.release()
+            if isinstance(result, TaskFailure):
+                raise result.error
             consume(result)
             submit_more()
     finally:

@@ -148,8 +148,18 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a resumable training checkpoint without unpickling arbitrary objects."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Read a resumable training checkpoint without unpickling arbitrary objects; a damaged
+    or foreign file is refused with what to do (training never silently starts over)."""
+    from wsi_pipeline.engine.weights import load_torch_file
+
+    fix = (f"delete {path} to start this run again from the beginning (or train into another --workdir); "
+           "the best model saved so far is unaffected")
+    state = load_torch_file(path, fix=fix)
+    missing = [k for k in ("model", "optimizer", "epoch", "step", "elapsed_s", "best", "best_epoch", "history")
+               if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ConfigError(path, f"is not a wsi_pipeline training checkpoint (missing {', '.join(missing)})", fix)
+    return state
 
 
 def fit(
@@ -206,8 +216,16 @@ def fit(
     ckpt_path = workdir / CHECKPOINT_NAME
     if resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(
+                ckpt_path,
+                f"was written for another model architecture ({first[:200]})",
+                "resume with the same --init/--width as the run that wrote it, or delete it to start over",
+            ) from None
         start_epoch, step, elapsed = int(state["epoch"]), int(state["step"]), float(state["elapsed_s"])
         best, best_epoch = float(state["best"]), int(state["best_epoch"])
         history = json.loads(state["history"])

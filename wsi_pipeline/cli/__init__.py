@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import pkgutil
 import sys
 from collections.abc import Sequence
 
-from wsi_pipeline.errors import WsiPipelineError
+from wsi_pipeline.errors import Interrupted, WsiPipelineError
 
 EXIT_USER_ERROR = 2
 
@@ -54,9 +55,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Interrupted as exc:
+        print(f"interrupted by {exc.name}: finished slides are kept; rerun the same command to continue",
+              file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted: finished slides are kept; rerun the same command to continue", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of our output went away (`wsi-pipeline inspect X | head`): not an error.
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     return int(code or 0)
 
 

@@ -18,25 +18,27 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="run a model over a labelled dataset and score it (same keys as `score`)",
         description="Predict every image of a labelled dataset (any size) and score it with HoVer-Net's metrics.",
     )
-    p.add_argument("dataset", type=Path, metavar="DATASET")
+    p.add_argument("dataset", type=Path, metavar="DATASET", help="labelled dataset folder (as for `train`)")
     p.add_argument("--model", help="shipped model name or checkpoint path (default: the default shipped model)")
     p.add_argument("--json", type=Path, help="write the scores (with per-image rows) to this file")
     p.add_argument("--save-pred", type=Path, help="save NAME.npz predictions (inst_map, type_map) here")
     p.add_argument("--dev-split", type=Path, help="evaluate only the held-out sources listed in this YAML")
     p.add_argument("--format", default="auto", help="dataset format (default: auto-detect)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=8, help="patches per forward pass (8)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda or cuda:N")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from wsi_pipeline.data import load_dataset, load_dev_split, split_dev
+    from wsi_pipeline.engine.device import torch_device
     from wsi_pipeline.engine.infer import InferenceConfig
     from wsi_pipeline.engine.registry import default_model_name
     from wsi_pipeline.engine.weights import load_model
     from wsi_pipeline.evaluate import evaluate_samples
 
+    torch_device(args.device)  # no GPU: one line now, not a traceback from the first forward pass
     model_ref = args.model or default_model_name()
     model = load_model(model_ref, device=args.device)
     dataset = load_dataset(args.dataset, args.format)

@@ -30,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Prune a HoVer-Net checkpoint, optionally fine-tune it, and write the pruned model.",
     )
     p.add_argument("model", metavar="MODEL", help="checkpoint path or shipped model name")
-    p.add_argument("--method", required=True, choices=METHOD_CHOICES)
+    p.add_argument("--method", required=True, choices=METHOD_CHOICES,
+                   help="importance criterion (structured) or magnitude masks (unstructured-*)")
     p.add_argument(
         "--ratio",
         required=True,

@@ -12,11 +12,16 @@ with the same model and settings. Exit code: 0 when every slide is done or skipp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from wsi_pipeline.config import SCHEDULER_ENV, load_run_config, option_names
+from wsi_pipeline.errors import Interrupted
+from wsi_pipeline.slide.opener import BACKENDS
 
 
 def _bf16(text: str) -> bool | str:
@@ -56,7 +61,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--bf16", type=_bf16, metavar="auto|true|false", help="bf16 autocast (false)")
     model.add_argument("--mpp", type=float, metavar="UM", help="slide level-0 µm/px, overriding its metadata")
     model.add_argument("--target-mpp", type=float, metavar="UM", help="inference µm/px (default: the model's)")
-    model.add_argument("--backend", choices=("auto", "openslide", "tiffslide"), help="slide reader (auto)")
+    model.add_argument(
+        "--backend", choices=BACKENDS,
+        help="slide reader (auto; image: plain PNG/JPEG/TIFF, needs --mpp)",
+    )
     dask = parser.add_argument_group("scheduling (Dask)")
     dask.add_argument("--workers", type=int, metavar="N", help="local workers (default: one per core)")
     dask.add_argument("--threads-per-worker", type=int, metavar="N", help="threads per local worker (1)")
@@ -74,8 +82,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     out = parser.add_argument_group("outputs")
     out.add_argument("--overwrite", action="store_true", default=None, help="redo slides that are already done")
     out.add_argument("--geojson", choices=("plain", "gz"), help="GeoJSON file: gz (default) or plain")
+    out.add_argument(
+        "--lock-wait", type=float, metavar="S",
+        help="wait up to S seconds for another run on the same --out to finish (0: stop at once; -1: forever)",
+    )
     out.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
     parser.set_defaults(func=run)
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM (what SLURM, PBS and Kubernetes send before killing a job) into
+    :class:`~wsi_pipeline.errors.Interrupted`, so the run cleans up as for Ctrl-C: partial
+    folder removed, process list written, cluster closed, exit code 143."""
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:
@@ -84,7 +111,7 @@ def _given(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsi_pipeline.batch import SlideOutcome, run_batch
+    from wsi_pipeline.batch import SlideJob, SlideOutcome, run_batch
 
     config = load_run_config(args.config, _given(args))
     if not getattr(args, "debug", False):
@@ -99,8 +126,15 @@ def run(args: argparse.Namespace) -> int:
         where = f" -> {outcome.out_dir}" if outcome.out_dir else ""
         reason = f": {outcome.reason}" if outcome.reason else ""
         print(f"{outcome.status:7s} {outcome.name} ({nuclei}{outcome.seconds:.1f} s){where}{reason}", flush=True)
+        for warning in outcome.warnings:
+            print(f"warning {outcome.name}: {warning}", file=sys.stderr, flush=True)
 
-    summary = run_batch(args.inputs, args.out, config, on_slide=report)
+    def starting(job: SlideJob, why: str) -> None:
+        if why:  # a slide with earlier outputs: say why they are not reused
+            print(f"redo    {job.name}: {why.removeprefix('redone: ')}", flush=True)
+
+    with stop_on_sigterm():
+        summary = run_batch(args.inputs, args.out, config, on_slide=report, on_start=starting)
     counts = summary.counts()
     print(
         f"{len(summary.outcomes)} slide(s): {counts['done']} done, {counts['skipped']} skipped, "

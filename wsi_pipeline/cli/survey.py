@@ -21,7 +21,7 @@ import numpy as np
 from wsi_pipeline.atomic import write_json_atomic
 from wsi_pipeline.cli.inspect import add_slide_options
 from wsi_pipeline.errors import ConfigError, WsiPipelineError
-from wsi_pipeline.slide import DEFAULT_MASK_MPP, find_slides, open_slide, output_names, tissue_mask
+from wsi_pipeline.slide import DEFAULT_MASK_MPP, assign_names, find_slides, open_slide, tissue_mask
 from wsi_pipeline.slide.base import Slide
 from wsi_pipeline.slide.tissue import TissueMask
 from wsi_pipeline.tiling import Tile, grid_shape, tile_grid
@@ -40,9 +40,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="slide files and/or folders of slides")
     parser.add_argument("--out", required=True, help="output folder")
     add_slide_options(parser)
-    parser.add_argument("--target-mpp", type=float, default=0.25, help="µm/px tiles are processed at (0.25)")
-    parser.add_argument("--tile-size", type=int, default=2048, help="tile core size in px at --target-mpp (2048)")
-    parser.add_argument("--margin", type=int, default=64, help="context on each side in px at --target-mpp (64)")
+    parser.add_argument(
+        "--model", metavar="NAME|PATH", help="model whose tile grid to show (default: the shipped default, as `run`)"
+    )
+    parser.add_argument("--target-mpp", type=float, help="µm/px tiles are processed at (default: as `run`)")
+    parser.add_argument("--tile-size", type=int, help="tile core size in px at --target-mpp (default: as `run`)")
+    parser.add_argument("--margin", type=int, help="context on each side in px at --target-mpp (default: as `run`)")
     parser.add_argument(
         "--mask-mpp", type=float, default=DEFAULT_MASK_MPP, help=f"tissue mask µm/px ({DEFAULT_MASK_MPP:g})"
     )
@@ -55,14 +58,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def _fill_run_defaults(args: argparse.Namespace) -> None:
+    """Tile grid options not given take `run`'s values for the same model, so the survey
+    shows exactly the tiles a run would process."""
+    from wsi_pipeline.batch.plan import prepare_model
+    from wsi_pipeline.config import load_run_config
+
+    given = {"model": args.model, "target_mpp": args.target_mpp, "tile_size": args.tile_size, "margin": args.margin}
+    model = prepare_model(load_run_config(None, given, environ={}))
+    args.target_mpp, args.tile_size, args.margin = model.mpp, model.tile_size, model.margin
+
+
 def _check_args(args: argparse.Namespace) -> None:
     for name in ("target_mpp", "mask_mpp"):
-        if not getattr(args, name) > 0:
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
             raise ConfigError(None, f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}", None)
-    if args.tile_size < 16:
+    if args.tile_size is not None and args.tile_size < 16:
         raise ConfigError(None, f"--tile-size must be at least 16 px, got {args.tile_size}", None)
-    if args.margin < 0:
+    if args.margin is not None and args.margin < 0:
         raise ConfigError(None, f"--margin must be >= 0, got {args.margin}", None)
+    _fill_run_defaults(args)
     if args.tissue_threshold is not None and not 0 <= args.tissue_threshold <= 1:
         raise ConfigError(None, f"--tissue-threshold must be in [0, 1], got {args.tissue_threshold}", None)
 
@@ -146,7 +161,7 @@ def survey_slide(slide: Slide, out_dir: Path, args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
     slides = find_slides(args.inputs)
-    names = output_names(slides)
+    names = assign_names(slides)
     out_root = Path(args.out)
     failed = 0
     for path in slides:

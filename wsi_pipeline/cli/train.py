@@ -10,9 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import ValidationError
-
 from wsi_pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -24,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="train a HoVer-Net on labelled datasets (folder, CoNSeP .mat, PanNuke, MoNuSeg XML)",
         description="Train HoVer-Net from scratch (or from --init) with a held-out dev split of whole source tiles.",
     )
-    p.add_argument("datasets", nargs="+", type=Path, metavar="DATASET")
+    p.add_argument("datasets", nargs="+", type=Path, metavar="DATASET",
+                   help="labelled dataset folders (CoNSeP, PanNuke, MoNuSeg XML or images/ + labels/)")
     p.add_argument("--out", required=True, type=Path, help="model file to write (.safetensors); best dev checkpoint")
     p.add_argument("--config", type=Path, help="YAML file with training options (see TrainConfig)")
     p.add_argument("--dev-split", type=Path, default=None, help="YAML listing held-out source tiles")
@@ -36,45 +34,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-minutes", type=float, help="wall-clock training budget (drives the LR schedule)")
     p.add_argument("--epochs", type=int, help="maximum epochs")
     p.add_argument("--width", type=float, help="channel multiplier of the full-width HoVer-Net (e.g. 0.25)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--threads", type=int)
+    p.add_argument("--batch-size", type=int, help="crops per optimiser step (8)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice, all cores)")
     p.add_argument("--bn-l1", type=float, help="L1 penalty on BN scales (Network Slimming)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="random seed of crops, augmentation and initial weights (0)")
     p.add_argument("--device", help="torch device: cpu (default) or cuda[:N]")
     p.add_argument("--workers", type=int, help="data-loading worker processes (default 0)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs of background runs)")
     p.set_defaults(func=run)
 
 
 def _load_config(args: argparse.Namespace) -> Any:
+    from wsi_pipeline.config import load_options
     from wsi_pipeline.train import TrainConfig
 
-    raw: dict[str, Any] = {}
-    if args.config:
-        if not args.config.is_file():
-            raise ConfigError(args.config, "config file not found", "pass an existing YAML file to --config")
-        try:
-            raw = yaml.safe_load(args.config.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(args.config, f"not valid YAML ({exc})", "fix the YAML syntax") from exc
-        if not isinstance(raw, dict):
-            raise ConfigError(args.config, "expected a mapping of option: value", "see TrainConfig in train.py")
-    overrides = {
-        "max_minutes": args.max_minutes,
-        "epochs": args.epochs,
-        "width": args.width,
-        "batch_size": args.batch_size,
-        "threads": args.threads,
-        "bn_l1": args.bn_l1,
-        "seed": args.seed,
-        "device": args.device,
-        "workers": args.workers,
-    }
-    raw.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return TrainConfig(**raw)
-    except ValidationError as exc:
-        raise ConfigError(args.config, f"invalid training options: {exc}", "correct the listed options") from exc
+    overrides = {name: getattr(args, name) for name in
+                 ("max_minutes", "epochs", "width", "batch_size", "threads", "bn_l1", "seed", "device", "workers")}
+    return load_options(TrainConfig, args.config, overrides)
 
 
 def run(args: argparse.Namespace) -> int:

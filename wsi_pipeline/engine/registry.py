@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from wsi_pipeline.engine.weights import read_metadata
+from wsi_pipeline.engine.weights import CHECKPOINT_SUFFIXES, FORMATS_HINT, read_metadata
 from wsi_pipeline.errors import ModelError
 
 ENV_VAR = "WSI_PIPELINE_MODELS"
@@ -91,6 +91,27 @@ def resolve_model_name(name: str, folder: Path | None = None) -> Path:
         f"no such model file, and no shipped model of that name in {folder}",
         f"pass a checkpoint path or one of: {', '.join(available) or '(none shipped)'}",
     )
+
+
+def resolve_model(ref: str | os.PathLike[str] | None = None, folder: Path | None = None) -> Path:
+    """The checkpoint file of a model reference: a path, a shipped model's name, or (None) the default.
+
+    The one place that turns what a user typed after ``--model`` (or passed to
+    ``load_model``) into a file, so `run`, `evaluate`, `train --init` and the Python API
+    accept the same names and refuse the same mistakes with the same message.
+    """
+    if ref is None:
+        ref = default_model_name(folder)
+    text = os.fspath(ref)
+    hint = FORMATS_HINT
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path.resolve()
+    if path.is_dir():
+        raise ModelError(path, "is a directory, not a checkpoint file", "pass a checkpoint file or a name; " + hint)
+    if "/" in text or os.sep in text or path.suffix in CHECKPOINT_SUFFIXES:
+        raise ModelError(path, "no such checkpoint file", "check the path, or pass a shipped model name; " + hint)
+    return resolve_model_name(text, folder).resolve()
 
 
 def list_models(folder: Path | None = None) -> list[ModelEntry]:

@@ -24,7 +24,6 @@ narrow models alike.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
 from collections.abc import Mapping
@@ -46,9 +45,9 @@ DEFAULT_MPP = 0.25
 """µm/px assumed for legacy checkpoints: the public HoVer-Net models were trained at 40x."""
 
 _META_KEY = "wsi_pipeline"
-_CHECKPOINT_SUFFIXES = {".safetensors", ".tar", ".pth", ".pt", ".ckpt", ".bin"}
+CHECKPOINT_SUFFIXES = {".safetensors", ".tar", ".pth", ".pt", ".ckpt", ".bin"}
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel, torch.compile
-_FORMATS_HINT = (
+FORMATS_HINT = (
     "give a HoVer-Net checkpoint: a .safetensors file saved by wsi_pipeline, the official release "
     "(a torch.save of {'desc': state_dict}) or a TIAToolbox hovernet state dict (.pth)"
 )
@@ -67,7 +66,7 @@ def read_state_dict(path: str | PathLike[str]) -> tuple[dict[str, Tensor], dict[
     path = Path(path)
     if not path.is_file():
         problem = "is a directory, not a checkpoint file" if path.is_dir() else "no such checkpoint file"
-        raise ModelError(path, problem, _FORMATS_HINT)
+        raise ModelError(path, problem, FORMATS_HINT)
     if _is_safetensors(path):
         state_dict, meta = _read_safetensors(path)
     else:
@@ -137,11 +136,23 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     return state_dict, meta
 
 
-def _read_torch_pickle(path: Path) -> tuple[dict[str, Tensor], str]:
+# torch's wording for a pickle that names a Python object: "Unsupported global: GLOBAL x.y" (<= 2.5)
+# and "Trying to load unsupported GLOBAL posix.system whose module posix is blocked" (2.6+).
+_BLOCKED_GLOBAL = re.compile(r"unsupported (?:global: )?GLOBAL ([\w.]+)", re.IGNORECASE)
+
+
+def load_torch_file(path: str | PathLike[str], fix: str = FORMATS_HINT) -> Any:
+    """``torch.load(weights_only=True)`` with every failure as a :class:`ModelError`.
+
+    The one place a pickle is opened (checkpoints, training state): a file that would need
+    arbitrary Python objects is refused with the object's name, since unpickling it could
+    run any code; anything unreadable is named as such with ``fix``.
+    """
+    path = Path(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        found = _BLOCKED_GLOBAL.search(str(exc))
         if found:
             raise ModelError(
                 path,
@@ -150,9 +161,14 @@ def _read_torch_pickle(path: Path) -> tuple[dict[str, Tensor], str]:
                 "if you trust its source, load it in Python and re-save only the weights: "
                 "torch.save(model.state_dict(), 'weights.pth')",
             ) from None
-        raise ModelError(path, "is not a PyTorch checkpoint (it does not unpickle)", _FORMATS_HINT) from None
+        raise ModelError(path, "is not a PyTorch checkpoint (it does not unpickle)", fix) from None
     except Exception as exc:  # torch.load signals a non-checkpoint with many exception types
-        raise ModelError(path, f"is not a PyTorch checkpoint ({type(exc).__name__}: {exc})", _FORMATS_HINT) from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelError(path, f"is not a PyTorch checkpoint ({type(exc).__name__}: {first})", fix) from None
+
+
+def _read_torch_pickle(path: Path) -> tuple[dict[str, Tensor], str]:
+    obj = load_torch_file(path)
     if isinstance(obj, Mapping) and "desc" in obj:
         obj, fmt = obj["desc"], "official"
     else:
@@ -163,7 +179,7 @@ def _read_torch_pickle(path: Path) -> tuple[dict[str, Tensor], str]:
             if isinstance(obj, Mapping)
             else type(obj).__name__
         )
-        raise ModelError(path, f"holds no state dict (found {found})", _FORMATS_HINT)
+        raise ModelError(path, f"holds no state dict (found {found})", FORMATS_HINT)
     return {str(k): v for k, v in obj.items()}, fmt
 
 
@@ -179,22 +195,10 @@ def _strip_prefixes(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
 # Loading a model
 # ---------------------------------------------------------------------------------------------
 def _resolve(path_or_name: str | PathLike[str]) -> Path:
-    """An existing file, or a shipped model's file looked up by name in the registry."""
-    path = Path(path_or_name)
-    if path.is_file():
-        return path
-    text = os.fspath(path_or_name)
-    looks_like_path = path.exists() or "/" in text or os.sep in text or path.suffix in _CHECKPOINT_SUFFIXES
-    if not looks_like_path:
-        try:
-            from wsi_pipeline.engine.registry import resolve_model_name
-        except ModuleNotFoundError as exc:
-            if exc.name != "wsi_pipeline.engine.registry":
-                raise
-        else:
-            return Path(resolve_model_name(text))
-    problem = "is a directory, not a checkpoint file" if path.is_dir() else "no such checkpoint file"
-    raise ModelError(path, problem, "check the path; " + _FORMATS_HINT)
+    # Imported here: the registry reads model metadata through this module.
+    from wsi_pipeline.engine.registry import resolve_model
+
+    return resolve_model(path_or_name)
 
 
 def load_model(path_or_name: str | PathLike[str], device: str | torch.device = "cpu") -> HoVerNet:

@@ -94,6 +94,7 @@ class SlideReport:
     tile_seconds: list[float] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=lambda: collect_versions())
     outputs: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     @property
@@ -151,6 +152,7 @@ class SlideReport:
             "config": self.config,
             "config_checksum": self.config_checksum,
             "outputs": dict(self.outputs),
+            "warnings": list(self.warnings),
             "created": self.created,
         }
 
@@ -262,9 +264,12 @@ def write_report(
     return json_path, html_path
 
 
-def write_batch_report(out_dir: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
+def write_batch_report(
+    out_dir: Path, rows: Sequence[Mapping[str, Any]], last_run: Mapping[str, Any] | None = None
+) -> Path:
     """Write ``batch_report.json``: totals by status plus every slide's row
-    (path, status done/failed/skipped, reason, seconds, nuclei)."""
+    (path, status done/failed/skipped, reason, seconds, nuclei), and ``last_run`` (when the
+    latest run started and which slides it touched: the rows span every run into the folder)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [dict(row) for row in rows]
@@ -279,6 +284,7 @@ def write_batch_report(out_dir: Path, rows: Sequence[Mapping[str, Any]]) -> Path
         "ok": all(status in ("done", "skipped") for status in statuses),
         "versions": collect_versions(),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "last_run": dict(last_run or {}),
         "rows": rows,
     }
     return write_text_atomic(out_dir / BATCH_REPORT_JSON, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
@@ -325,6 +331,13 @@ def render_html(
         f"<style>{_CSS}</style></head><body>",
         f"<h1>{html.escape(report.name)}</h1>",
         f'<p class="meta">wsi_pipeline report, {html.escape(report.created)}</p>',
+        *(
+            ['<div class="warnings"><h2>Warnings</h2><ul>']
+            + [f"<li>{html.escape(w)}</li>" for w in report.warnings]
+            + ["</ul></div>"]
+            if report.warnings
+            else []
+        ),
         _table("Summary", summary),
         _table("Model", model),
     ]
@@ -522,4 +535,5 @@ _CSS = (
     "table{border-collapse:collapse;margin-bottom:1em}th,td{padding:.25em .8em;border-bottom:1px solid #ddd;"
     "text-align:left;vertical-align:top}th{font-weight:600;white-space:nowrap}img{max-width:100%}"
     "pre{background:#f6f6f6;padding:1em;overflow:auto}.meta{color:#666}"
+    ".warnings{background:#fff4e5;border-left:4px solid #e69500;padding:.2em 1em;margin-bottom:1em}"
 )

@@ -7,7 +7,7 @@ the tissue.
 """
 
 from wsi_pipeline.slide.base import Level, Slide, SlideSpec
-from wsi_pipeline.slide.discover import find_slides, output_names
+from wsi_pipeline.slide.discover import assign_names, find_slides
 from wsi_pipeline.slide.opener import (
     IMAGE_EXTENSIONS,
     SLIDE_EXTENSIONS,
@@ -28,7 +28,7 @@ __all__ = [
     "TissueMask",
     "find_slides",
     "open_slide",
-    "output_names",
+    "assign_names",
     "slide_stem",
     "tissue_mask",
 ]

@@ -9,8 +9,9 @@ so every run sees slides in the same order and output names are stable.
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from wsi_pipeline.errors import SlideError
@@ -83,17 +84,33 @@ def find_slides(inputs: Sequence[str | os.PathLike[str]], *, include_images: boo
     return found
 
 
-def output_names(slides: Sequence[Path]) -> dict[Path, str]:
-    """A distinct output folder name per slide: its stem, with ``-2``, ``-3``... added
-    in input order when two slides share a stem (a/x.svs and b/x.svs)."""
+def _path_tag(path: Path) -> str:
+    """Eight hex digits of the slide's resolved path: the same slide always gets the same tag."""
+    return hashlib.sha256(str(path.resolve()).encode("utf-8")).hexdigest()[:8]
+
+
+def assign_names(paths: Sequence[Path], owners: Mapping[str, str] | None = None) -> dict[Path, str]:
+    """An output folder name per slide, unique and independent of input order.
+
+    ``owners`` maps the names of folders already in the out folder to the resolved slide
+    path their done marker records ("" for a folder we did not make). A slide keeps the
+    folder that already holds its results; otherwise it gets its stem when no other input
+    and no existing folder claims that stem, and ``<stem>-<tag>`` (``tag`` from its resolved
+    path) when one does. Case is ignored when comparing, as on macOS and Windows shares.
+    """
+    owners = {name.lower(): owner for name, owner in (owners or {}).items()}
+    by_owner = {owner: name for name, owner in owners.items() if owner}
+    stems: dict[str, int] = {}
+    for path in paths:
+        stems[slide_stem(path).lower()] = stems.get(slide_stem(path).lower(), 0) + 1
     names: dict[Path, str] = {}
-    used: set[str] = set()
-    for slide in slides:
-        stem = slide_stem(slide)
-        name, n = stem, 1
-        while name.lower() in used:
-            n += 1
-            name = f"{stem}-{n}"
-        used.add(name.lower())
-        names[slide] = name
+    existing_names = {name.lower(): name for name in (owners or {})}
+    for path in paths:
+        resolved = str(path.resolve())
+        if resolved in by_owner:
+            names[path] = existing_names.get(by_owner[resolved], by_owner[resolved])
+            continue
+        stem = slide_stem(path)
+        taken = stem.lower() in owners
+        names[path] = stem if stems[stem.lower()] == 1 and not taken else f"{stem}-{_path_tag(path)}"
     return names

@@ -1,0 +1,335 @@
+"""One slide end to end, and the batch rules around it.
+
+:func:`process_slide` opens the slide, finds the tissue on a thumbnail, lays the tile grid
+at the model's µm/px, streams the tiles through Dask
+(:func:`~wsi_pipeline.schedule.stream_tiles`) into the stitcher, whose sinks write the
+GeoJSON and the OME-Zarr, then writes the report.
+
+:func:`run_slide_job` adds the rules that make a batch safe to rerun: a slide is skipped
+only if its done marker still matches the slide, the model, the settings and every output
+(:mod:`wsi_pipeline.batch.marker`); outputs are written into ``OUT/.<name>.partial/`` and
+renamed to ``OUT/<name>/`` only when complete, so a reader never sees half a slide and an
+interrupted run leaves nothing under the real name; a failure is recorded, never raised.
+The out-folder lock (:mod:`wsi_pipeline.batch.lock`) guarantees the partial folder is this
+run's alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from wsi_pipeline.batch.inputs import SlideJob
+from wsi_pipeline.batch.marker import (
+    other_results,
+    read_done_marker,
+    skip_problem,
+    slide_identity,
+    write_done_marker,
+)
+from wsi_pipeline.batch.plan import ModelInfo, resolved_config, zarr_chunk
+from wsi_pipeline.config import RunConfig
+from wsi_pipeline.engine.infer import InferenceConfig
+from wsi_pipeline.engine.postproc import PostprocConfig
+from wsi_pipeline.errors import WsiPipelineError
+from wsi_pipeline.schedule import RunCluster, stream_tiles
+from wsi_pipeline.slide import DEFAULT_MASK_MPP, SlideSpec, tissue_mask
+from wsi_pipeline.tiling import Tile, grid_shape, target_size, tile_grid
+
+log = logging.getLogger(__name__)
+
+Status = Literal["done", "failed", "skipped"]
+
+
+@dataclass
+class SlideRun:
+    """Everything a slide needs besides the slide itself (built once per batch)."""
+
+    config: RunConfig
+    model: ModelInfo
+    cluster: RunCluster
+    config_checksum: str
+    max_in_flight: int
+    on_tile: Callable[[Any], None] | None = None
+
+
+@dataclass
+class SlideOutcome:
+    """One row of process_list.csv, plus where the outputs went and what to warn about."""
+
+    path: str
+    name: str
+    status: Status
+    reason: str = ""
+    seconds: float = 0.0
+    nuclei: int | None = None
+    out_dir: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    finished: str = ""
+
+    def summary(self) -> dict[str, Any]:
+        """The batch report's row: numbers as numbers, plus the output folder."""
+        return {
+            "path": self.path,
+            "status": self.status,
+            "reason": self.reason,
+            "seconds": round(self.seconds, 3),
+            "nuclei": self.nuclei,
+            "name": self.name,
+            "out_dir": self.out_dir,
+            "warnings": list(self.warnings),
+            "finished": self.finished,
+        }
+
+
+def partial_dir(out: Path, name: str) -> Path:
+    """Where a slide's outputs are written before they are complete (hidden)."""
+    return out / f".{name}.partial"
+
+
+def _publish(partial: Path, final: Path) -> None:
+    """Move a complete partial folder to its real name, replacing an older one."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(partial, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(partial, final)
+
+
+def slide_warnings(tissue_mm2: float, tiles: int, nuclei: int, upsampled: bool, slide_mpp: float,
+                   model_mpp: float) -> list[str]:
+    """What a user must know before trusting a "done": no tissue, no nuclei, upsampled input."""
+    warnings = []
+    if tiles == 0 or tissue_mm2 <= 0:
+        warnings.append("no tissue was found: the slide looks blank, so no tile was processed (is it the right file?)")
+    elif nuclei == 0:
+        warnings.append(f"no nucleus was found in {tissue_mm2:.3g} mm² of tissue (check the slide and the model)")
+    if upsampled:
+        warnings.append(
+            f"level 0 is {slide_mpp:.3g} µm/px, coarser than the model's {model_mpp:.3g}: tiles were upsampled "
+            f"{slide_mpp / model_mpp:.2g}x, which adds no detail (results are less reliable)"
+        )
+    return warnings
+
+
+def process_slide(job: SlideJob, run: SlideRun, folder: Path) -> tuple[int, dict[str, Any]]:
+    """Process one slide into ``folder`` (which must exist and be empty); returns
+    (nuclei, report dict). Raises what goes wrong; the caller records it."""
+    from tqdm import tqdm
+
+    from wsi_pipeline.outputs.geojson import GeoJSONWriter
+    from wsi_pipeline.outputs.report import NucleiDensity, SlideReport, per_class_counts, write_report
+    from wsi_pipeline.outputs.zarr_store import NucleiZarr
+    from wsi_pipeline.stitch import Stitcher
+    from wsi_pipeline.worker import TileTask
+
+    config, model = run.config, run.model
+    started = time.perf_counter()
+    spec = SlideSpec(str(job.path), config.backend, config.mpp)
+    with spec.open() as slide:
+        width0, height0 = slide.width, slide.height
+        mpp0 = (slide.mpp_x, slide.mpp_y)
+        upsampled = slide.is_upsampled(model.mpp)
+        thumbnail = slide.thumbnail(DEFAULT_MASK_MPP)
+        tissue = tissue_mask(slide, DEFAULT_MASK_MPP, thumbnail=thumbnail)
+    tissue_seconds = time.perf_counter() - started
+    tiles: list[Tile] = tile_grid(width0, height0, mpp0, model.mpp, model.tile_size, model.margin, tissue)
+    width_t, height_t = target_size(width0, height0, mpp0, model.mpp)
+
+    suffix = ".geojson.gz" if config.geojson == "gz" else ".geojson"
+    outputs = {"geojson": f"{job.name}{suffix}", "zarr": f"{job.name}.zarr"}
+    geojson = GeoJSONWriter(folder / outputs["geojson"], model.classes, model.mpp, compress=config.geojson == "gz")
+    store = NucleiZarr(
+        folder / outputs["zarr"],
+        (height_t, width_t),
+        zarr_chunk(model.tile_size),
+        model.classes,
+        model.mpp,
+        attributes={"slide": str(job.path), "name": job.name, "level0_mpp": list(mpp0)},
+    )
+    density = NucleiDensity(width0, height0, mpp0, len(model.classes) + 1)
+    stitcher = Stitcher(tiles, store, [geojson, store, density], job.name, model.checksum)
+    infer = InferenceConfig(
+        device=config.device, threads=run.cluster.torch_threads, batch_size=config.batch_size, bf16=config.bf16
+    )
+    tasks = (TileTask(spec, tile, str(model.path), model.mpp, infer, PostprocConfig()) for tile in tiles)
+    nuclei_seen = 0
+    bar = tqdm(total=len(tiles), desc=job.name, unit="tile", disable=not config.progress, leave=True, file=sys.stderr)
+
+    def consume(result: Any) -> None:
+        nonlocal nuclei_seen
+        stitcher.add(result)
+        nuclei_seen += len(result.nuclei)
+        bar.update(1)
+        bar.set_postfix(nuclei=nuclei_seen, refresh=False)
+        if run.on_tile is not None:
+            run.on_tile(result)
+
+    tiles_started = time.perf_counter()
+    try:
+        stream_tiles(
+            run.cluster.client,
+            tasks,
+            consume,
+            max_in_flight=run.max_in_flight,
+            held=lambda: stitcher.buffered,
+            retries=config.retries,
+        )
+        stats = stitcher.finish()
+    finally:
+        bar.close()
+    tiles_wall = time.perf_counter() - tiles_started
+    closing = time.perf_counter()
+    count = geojson.close()
+    store.close()
+    close_seconds = time.perf_counter() - closing
+    if count != stats.nuclei or store.count != stats.nuclei:
+        raise RuntimeError(
+            f"{job.name}: the GeoJSON holds {count} and the Zarr table {store.count} nuclei, "
+            f"but the stitcher produced {stats.nuclei}"
+        )
+    seconds = {key: float(stats.seconds.get(key, 0.0)) for key in ("read", "infer", "postprocess", "stitch")}
+    seconds.update(
+        write=float(stats.seconds.get("write", 0.0)) + close_seconds, tissue=tissue_seconds, tiles_wall=tiles_wall
+    )
+    rows, cols = grid_shape(width0, height0, mpp0, model.mpp, model.tile_size)
+    report = SlideReport(
+        slide=str(job.path),
+        name=job.name,
+        width=width0,
+        height=height0,
+        slide_mpp=mpp0,
+        mpp=model.mpp,
+        tissue_mm2=tissue.area_mm2,
+        tiles=len(tiles),
+        tiles_grid=rows * cols,
+        tile_size=model.tile_size,
+        margin=model.margin,
+        nuclei_per_class=per_class_counts(stats.per_type, model.classes),
+        edge_touching=stats.edge_touching,
+        seconds=seconds,
+        wall_seconds=time.perf_counter() - started,
+        model=model.describe(),
+        config=resolved_config(config, model) | {"cluster": run.cluster.description, "slide_upsampled": upsampled},
+        config_checksum=run.config_checksum,
+        classes=model.classes,
+        tile_seconds=list(stats.tile_seconds),
+        outputs=outputs,
+        warnings=slide_warnings(tissue.area_mm2, len(tiles), stats.nuclei, upsampled, max(mpp0), model.mpp),
+    )
+    write_report(folder, report, thumbnail=thumbnail, tissue=tissue, density=density)
+    return stats.nuclei, report.to_dict()
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The process list's reason: the user's problem as the error says it, a lost worker
+    with the likely cause, anything else marked as a bug."""
+    from distributed import KilledWorker
+
+    if isinstance(exc, WsiPipelineError):
+        return str(exc)
+    if isinstance(exc, KilledWorker):
+        return (
+            f"a tile's worker died repeatedly ({exc}); usually it ran out of memory. "
+            "Fix: a smaller --tile-size, fewer --workers, or more memory per worker"
+        )
+    if isinstance(exc, OSError):
+        return f"{type(exc).__name__}: {exc}"
+    return f"{type(exc).__name__}: {exc} (a bug: please report it with the log)"
+
+
+def _save_traceback(out: Path, name: str, exc: BaseException) -> Path:
+    """Keep an unexpected error's traceback in ``OUT/logs/`` (the console gets one line)."""
+    import traceback
+
+    path = out / "logs" / f"{name}.traceback.txt"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(traceback.format_exception(exc)), encoding="utf-8")
+    except OSError:
+        log.exception("slide %s failed", name)
+    return path
+
+
+Action = Literal["run", "skip", "keep"]
+
+
+def _check_existing(run: SlideRun, final: Path, identity: dict[str, Any]) -> tuple[Action, str]:
+    """What to do with the slide given its output folder: run it (and why, if it was done
+    before), skip it (verified), or keep another model's or settings' results and fail."""
+    if not final.exists():
+        return "run", ""
+    marker = read_done_marker(final)
+    if marker is None:  # names are chosen so that this is our own folder, left unfinished by an old version
+        return "run", f"redone: {final} had no readable done marker"
+    if run.config.overwrite:
+        return "run", "redone: --overwrite"
+    other = other_results(marker, run.model.checksum, run.config_checksum)
+    if other is not None:
+        return "keep", (f"{final} holds this slide's results with {other}; they are kept. "
+                        "Fix: pass --overwrite to replace them, or another --out")
+    problem = skip_problem(final, marker, identity)
+    if problem is None:
+        return "skip", "already done with the same slide, model and settings; outputs verified"
+    return "run", f"redone: {problem}"
+
+
+def run_slide_job(
+    job: SlideJob, run: SlideRun, out: Path, on_start: Callable[[SlideJob, str], None] | None = None
+) -> SlideOutcome:
+    """One slide with the batch rules: skip if verifiably done, write into a partial folder,
+    publish it when complete, record any failure. ``on_start(job, why)`` is called before a
+    slide is processed (the CLI says why a slide done before is redone)."""
+    final = out / job.name
+    outcome = SlideOutcome(str(job.path), job.name, "failed")
+    if job.problem is not None:
+        outcome.reason = job.problem
+        return outcome
+    started = time.perf_counter()
+    partial = partial_dir(out, job.name)
+    try:
+        identity = slide_identity(job.path)
+        action, why = _check_existing(run, final, identity)
+        if action == "keep":
+            outcome.reason = why
+            return outcome
+        if action == "skip":
+            marker = read_done_marker(final) or {}
+            outcome.status, outcome.reason = "skipped", why
+            outcome.nuclei, outcome.out_dir = marker.get("nuclei"), str(final)
+            outcome.seconds = time.perf_counter() - started
+            return outcome
+        if on_start is not None:
+            on_start(job, why)
+        if partial.exists():
+            shutil.rmtree(partial)  # left by an interrupted run (the lock says no other run owns it)
+        partial.mkdir(parents=True)
+        nuclei, report = process_slide(job, run, partial)
+        write_done_marker(partial, identity, run.model.name, run.model.checksum, run.config_checksum, nuclei,
+                          report["seconds"]["wall"])
+        _publish(partial, final)
+    except Exception as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        outcome.reason = failure_reason(exc)
+        if not isinstance(exc, WsiPipelineError | OSError):
+            outcome.reason += f"; traceback in {_save_traceback(out, job.name, exc)}"
+        outcome.seconds = time.perf_counter() - started
+        return outcome
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    outcome.status, outcome.nuclei, outcome.out_dir = "done", nuclei, str(final)
+    outcome.reason, outcome.warnings = why, list(report.get("warnings", []))
+    outcome.seconds = time.perf_counter() - started
+    return outcome

@@ -1,0 +1,137 @@
+"""Planning a run once, in the driver: the model, the tile geometry and what decides "done".
+
+Everything here happens before a cluster starts, so a wrong model, an unusable device or
+an impossible tile size stops the run in seconds with one clear line instead of failing
+every tile on every worker.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wsi_pipeline.batch.marker import OUTPUT_FORMAT
+from wsi_pipeline.config import RunConfig, checksum, file_checksum
+from wsi_pipeline.engine.postproc import PostprocConfig
+from wsi_pipeline.slide import DEFAULT_MASK_MPP
+
+DEFAULT_TILE_PX = 1300
+# Largest Zarr chunk side: chunks divide the tile core so core writes stay chunk-aligned.
+MAX_ZARR_CHUNK = 1024
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The resolved model: file, checksum and what its metadata says (for tasks and reports)."""
+
+    path: Path
+    name: str
+    checksum: str
+    mpp: float
+    classes: list[dict[str, Any]]
+    params: int
+    macs: int
+    input_size: int
+    output_size: int
+    margin: int
+    tile_size: int
+    meta: dict[str, Any] = field(repr=False)
+
+    def describe(self) -> dict[str, Any]:
+        """The model as reports show it."""
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "checksum": self.checksum,
+            "params": self.params,
+            "macs": self.macs,
+            "mpp": self.mpp,
+            "input_size": self.input_size,
+            "output_size": self.output_size,
+            "description": self.meta.get("description", ""),
+        }
+
+
+def default_tile_size(output_size: int) -> int:
+    """The tile core side when ``--tile-size`` is not given: the multiple of the model's
+    output patch nearest :data:`DEFAULT_TILE_PX` (1312 px for HoVer-Net fast).
+
+    A multiple of the output size keeps the engine's patch grid aligned with the slide at
+    no cost (the worker pads otherwise). Patches the two sample slides need with the
+    164 px default margin, by tile size (656 / 984 / 1312 / 1968 / 2624 px): 2103 / 1830 /
+    1685 / 1645 / 1689. Small tiles repeat the margin too often; from ~1300 px on the
+    count is flat (larger tiles take in more glass), while memory per tile keeps growing
+    and fewer, larger tiles leave workers idle at the end of a slide.
+    """
+    return max(1, round(DEFAULT_TILE_PX / output_size)) * output_size
+
+
+def prepare_model(config: RunConfig) -> ModelInfo:
+    """Load the model once in the driver: its metadata, size and MACs for the reports, the
+    tile margin it needs (``--margin`` or the worker's derived default) and the tile size.
+
+    The device is checked here too: ``--device cuda`` on a machine without a GPU is a
+    mistake of the whole run, refused before any cluster starts.
+    """
+    from wsi_pipeline.engine.device import torch_device
+    from wsi_pipeline.engine.macs import count_macs, count_params
+    from wsi_pipeline.engine.registry import resolve_model
+    from wsi_pipeline.engine.weights import load_model
+    from wsi_pipeline.worker import default_margin
+
+    if config.scheduler is None and config.cluster == "local":
+        # On a cluster the GPUs are on the workers, not necessarily beside the driver.
+        torch_device(config.device)
+    path = resolve_model(config.model)
+    model = load_model(path)
+    meta = dict(model.meta)
+    mpp = float(config.target_mpp or meta.get("mpp") or 0.25)
+    margin = config.margin if config.margin is not None else int(default_margin(model, PostprocConfig(), mpp=mpp))
+    tile_size = config.tile_size or default_tile_size(int(model.output_size))
+    return ModelInfo(
+        path=path,
+        name=str(meta.get("name", path.stem)),
+        checksum=file_checksum(path),
+        mpp=mpp,
+        classes=list(meta.get("classes", [])),
+        params=count_params(model),
+        macs=count_macs(model),
+        input_size=int(model.input_size),
+        output_size=int(model.output_size),
+        margin=margin,
+        tile_size=tile_size,
+        meta=meta,
+    )
+
+
+def resolved_config(config: RunConfig, model: ModelInfo) -> dict[str, Any]:
+    """The run's options as JSON, with the derived values (model file, tile, margin, µm/px) filled in."""
+    return {
+        **config.model_dump(mode="json"),
+        "model": str(model.path),
+        "tile_size": model.tile_size,
+        "margin": model.margin,
+        "target_mpp": model.mpp,
+    }
+
+
+def settings_checksum(config: RunConfig, model: ModelInfo) -> str:
+    """Checksum of every setting that changes a slide's outputs, with derived values filled in."""
+    settings = config.result_settings()
+    settings.update(
+        margin=model.margin,
+        tile_size=model.tile_size,
+        target_mpp=model.mpp,
+        postproc=asdict(PostprocConfig()),
+        mask_mpp=DEFAULT_MASK_MPP,
+        output_format=OUTPUT_FORMAT,
+    )
+    return checksum(settings)
+
+
+def zarr_chunk(tile_size: int) -> int:
+    """Chunk side of the label image: the tile size split into equal parts of at most
+    :data:`MAX_ZARR_CHUNK`, so a core write covers whole chunks."""
+    return math.ceil(tile_size / math.ceil(tile_size / MAX_ZARR_CHUNK))
