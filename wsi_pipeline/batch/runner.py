@@ -42,7 +42,8 @@ from wsi_pipeline.schedule import cluster_threads, open_client, performance_repo
 log = logging.getLogger(__name__)
 
 PROCESS_LIST = "process_list.csv"
-PROCESS_LIST_COLUMNS = ("path", "status", "reason", "seconds", "nuclei", "name", "out_dir", "finished")
+PROCESS_LIST_COLUMNS = ("path", "status", "reason", "seconds", "nuclei", "name", "out_dir", "finished", "warnings")
+WARNING_SEPARATOR = " | "
 
 
 @dataclass
@@ -116,6 +117,7 @@ def _row(outcome: SlideOutcome) -> dict[str, Any]:
         "name": outcome.name,
         "out_dir": outcome.out_dir or "",
         "finished": outcome.finished,
+        "warnings": WARNING_SEPARATOR.join(outcome.warnings),
     }
 
 
@@ -158,6 +160,7 @@ def _report_row(row: dict[str, Any]) -> dict[str, Any]:
         "seconds": float(seconds) if seconds else 0.0,
         "nuclei": int(nuclei) if nuclei.lstrip("-").isdigit() else None,
         "out_dir": row.get("out_dir") or None,
+        "warnings": [w for w in str(row.get("warnings") or "").split(WARNING_SEPARATOR) if w],
     }
 
 
