@@ -81,7 +81,6 @@ def measure(slide: Path, model: str, out: Path, config_options: dict[str, Any]) 
     from wsi_pipeline.batch import SlideJob, SlideRun, prepare_model, process_slide, settings_checksum
     from wsi_pipeline.config import RunConfig
     from wsi_pipeline.engine.infer import InferenceConfig
-    from wsi_pipeline.engine.postproc import PostprocConfig
     from wsi_pipeline.schedule import cluster_threads, open_client, stream_tiles
     from wsi_pipeline.slide import DEFAULT_MASK_MPP, SlideSpec, tissue_mask
     from wsi_pipeline.tiling import tile_grid
@@ -102,7 +101,7 @@ def measure(slide: Path, model: str, out: Path, config_options: dict[str, Any]) 
         infer = InferenceConfig(
             device=config.device, threads=cluster.torch_threads, batch_size=config.batch_size, bf16=config.bf16
         )
-        tasks = [TileTask(spec, tile, str(info.path), info.mpp, infer, PostprocConfig()) for tile in tiles]
+        tasks = [TileTask(spec, tile, str(info.path), info.mpp, infer, info.postproc) for tile in tiles]
         # Warm-up: every worker loads the model, as it would have early in a long batch.
         stream_tiles(cluster.client, tasks[:threads], lambda _: None, max_in_flight=threads, fn=forward_seconds)
         run = SlideRun(config, info, cluster, settings_checksum(config, info), config.max_in_flight or 2 * threads)

@@ -202,3 +202,48 @@ def test_ground_truth_maps_round_trip_on_consep(consep_crops) -> None:
     assert scores["dice"] > 0.95
     assert scores["type_accuracy"] > 0.98
     assert scores["mpq"] > 0.8
+
+
+def test_size_limits_are_areas_in_um2_at_the_maps_resolution() -> None:
+    from wsi_pipeline.engine.postproc import postprocess
+
+    np_prob = np.zeros((64, 64), np.float32)
+    np_prob[8:14, 8:14] = 1.0  # 36 px: 2.25 µm² at 0.25 µm/px, 9 µm² at 0.5 µm/px
+    np_prob[30:50, 30:50] = 1.0
+    hv = np.zeros((2, 64, 64), np.float32)
+    config = PostprocConfig(min_object_um2=4.0, min_marker_um2=0.5)
+    assert len(postprocess(np_prob, hv, config=config, mpp=0.25).nuclei) == 1
+    assert len(postprocess(np_prob, hv, config=config, mpp=0.5).nuclei) == 2
+    assert config.pixels(4.0, 0.25) == 64
+
+
+def test_fill_holes_closes_a_pale_nucleus_centre() -> None:
+    from wsi_pipeline.engine.postproc import postprocess
+
+    np_prob = np.zeros((48, 48), np.float32)
+    np_prob[10:30, 10:30] = 1.0
+    np_prob[18:22, 18:22] = 0.0  # pale chromatin read as background
+    hv = np.zeros((2, 48, 48), np.float32)
+    open_ = postprocess(np_prob, hv, config=PostprocConfig(fill_holes=False)).inst_map
+    filled = postprocess(np_prob, hv, config=PostprocConfig(fill_holes=True)).inst_map
+    assert (open_ > 0).sum() == 400 - 16 and (filled > 0).sum() == 400
+
+
+def test_a_models_postproc_metadata_is_validated_and_carried(tmp_path) -> None:
+    import pytest
+
+    from wsi_pipeline.engine.model import ChannelSpec, HoVerNet
+    from wsi_pipeline.engine.weights import load_model, model_postproc, save_model
+    from wsi_pipeline.errors import ConfigError
+
+    model = HoVerNet("fast", 5, ChannelSpec.scaled(0.0625, "fast", round_to=4)).eval()
+    calibrated = PostprocConfig(np_threshold=0.55, min_object_um2=6.0, fill_holes=True)
+    path = save_model(model, tmp_path / "cal.safetensors", {"postproc": calibrated.to_meta()})
+    assert model_postproc(load_model(path)) == calibrated
+    assert model_postproc(model) == PostprocConfig()  # not from a file: the defaults
+    for bad, words in (({"np_threshold": 1.5}, "out of range"), ({"npthreshold": 0.5}, "unknown keys"),
+                       ({"min_object_um2": "big"}, "out of range"), ([0.5], "not a mapping")):
+        bad_path = save_model(model, tmp_path / "bad.safetensors", {"postproc": bad})
+        with pytest.raises(ConfigError, match=words) as info:
+            load_model(bad_path)
+        assert str(bad_path) in str(info.value) and "Fix:" in str(info.value)

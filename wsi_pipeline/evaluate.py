@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 from wsi_pipeline.data import Sample
 from wsi_pipeline.engine.infer import InferenceConfig, TileInferer
-from wsi_pipeline.engine.postproc import PostprocConfig, PostprocResult, postprocess
+from wsi_pipeline.engine.postproc import DEFAULT_MAP_MPP, PostprocConfig, PostprocResult, postprocess
+from wsi_pipeline.engine.weights import model_postproc
 from wsi_pipeline.metrics import score_images
 
 
@@ -41,12 +42,18 @@ def predict_samples(
     *,
     progress: bool = False,
 ) -> Iterable[tuple[Sample, np.ndarray, np.ndarray | None]]:
-    """Yield (sample, predicted inst map, predicted type map or None) per image."""
+    """Yield (sample, predicted inst map, predicted type map or None) per image.
+
+    Without ``postproc_config`` the model's own post-processing is used (its metadata's,
+    or the defaults); the maps are at the model's µm/px.
+    """
     inferer = TileInferer(model, infer_config or InferenceConfig())
+    config = postproc_config or model_postproc(model)
+    mpp = float((getattr(model, "meta", None) or {}).get("mpp") or DEFAULT_MAP_MPP)
     samples = list(samples)
     for sample in tqdm(samples, desc="evaluate", unit="img", disable=not progress):
         maps = inferer.infer(sample.image)
-        result = postprocess(maps.np_prob, maps.hv, maps.tp_prob, config=postproc_config)
+        result = postprocess(maps.np_prob, maps.hv, maps.tp_prob, config=config, mpp=mpp)
         pred_type = type_map_from(result, result.inst_map.shape) if maps.tp_prob is not None else None
         yield sample, result.inst_map, pred_type
 

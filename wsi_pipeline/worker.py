@@ -261,7 +261,7 @@ def process_tile(task: TileTask, maps_fn: MapsFn | None = None) -> TileResult:
     seconds["infer"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    post = postprocess(maps.np_prob, maps.hv, maps.tp_prob, config=task.postproc)
+    post = postprocess(maps.np_prob, maps.hv, maps.tp_prob, config=task.postproc, mpp=task.mpp)
     del maps  # the float maps are the bulk of a tile's memory; only labels are needed now
     out = _owned(task, post.inst_map, post.nuclei, (slide_w, slide_h))
     del post

@@ -37,7 +37,6 @@ from wsi_pipeline.batch.marker import (
 from wsi_pipeline.batch.plan import ModelInfo, resolved_config, zarr_chunk
 from wsi_pipeline.config import RunConfig
 from wsi_pipeline.engine.infer import InferenceConfig
-from wsi_pipeline.engine.postproc import PostprocConfig
 from wsi_pipeline.errors import WsiPipelineError
 from wsi_pipeline.schedule import RunCluster, stream_tiles
 from wsi_pipeline.slide import DEFAULT_MASK_MPP, SlideSpec, tissue_mask
@@ -163,7 +162,7 @@ def process_slide(job: SlideJob, run: SlideRun, folder: Path) -> tuple[int, dict
     infer = InferenceConfig(
         device=config.device, threads=run.cluster.torch_threads, batch_size=config.batch_size, bf16=config.bf16
     )
-    tasks = (TileTask(spec, tile, str(model.path), model.mpp, infer, PostprocConfig()) for tile in tiles)
+    tasks = (TileTask(spec, tile, str(model.path), model.mpp, infer, model.postproc) for tile in tiles)
     nuclei_seen = 0
     bar = tqdm(total=len(tiles), desc=job.name, unit="tile", disable=not config.progress, leave=True, file=sys.stderr)
 

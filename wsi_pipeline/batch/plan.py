@@ -38,6 +38,7 @@ class ModelInfo:
     margin: int
     tile_size: int
     meta: dict[str, Any] = field(repr=False)
+    postproc: PostprocConfig = field(default_factory=PostprocConfig)
 
     def describe(self) -> dict[str, Any]:
         """The model as reports show it."""
@@ -51,6 +52,7 @@ class ModelInfo:
             "input_size": self.input_size,
             "output_size": self.output_size,
             "description": self.meta.get("description", ""),
+            "postproc": asdict(self.postproc),
         }
 
 
@@ -78,7 +80,7 @@ def prepare_model(config: RunConfig) -> ModelInfo:
     from wsi_pipeline.engine.device import torch_device
     from wsi_pipeline.engine.macs import count_macs, count_params
     from wsi_pipeline.engine.registry import resolve_model
-    from wsi_pipeline.engine.weights import load_model
+    from wsi_pipeline.engine.weights import load_model, model_postproc
     from wsi_pipeline.worker import default_margin
 
     if config.scheduler is None and config.cluster == "local":
@@ -88,7 +90,8 @@ def prepare_model(config: RunConfig) -> ModelInfo:
     model = load_model(path)
     meta = dict(model.meta)
     mpp = float(config.target_mpp or meta.get("mpp") or 0.25)
-    margin = config.margin if config.margin is not None else int(default_margin(model, PostprocConfig(), mpp=mpp))
+    postproc = model_postproc(model)
+    margin = config.margin if config.margin is not None else int(default_margin(model, postproc, mpp=mpp))
     tile_size = config.tile_size or default_tile_size(int(model.output_size))
     return ModelInfo(
         path=path,
@@ -103,6 +106,7 @@ def prepare_model(config: RunConfig) -> ModelInfo:
         margin=margin,
         tile_size=tile_size,
         meta=meta,
+        postproc=postproc,
     )
 
 
@@ -124,7 +128,7 @@ def settings_checksum(config: RunConfig, model: ModelInfo) -> str:
         margin=model.margin,
         tile_size=model.tile_size,
         target_mpp=model.mpp,
-        postproc=asdict(PostprocConfig()),
+        postproc=asdict(model.postproc),
         mask_mpp=DEFAULT_MASK_MPP,
         output_format=OUTPUT_FORMAT,
     )

@@ -23,9 +23,9 @@ pixel ``s`` therefore map to level 0 as ``(ox + x * s, oy + y * s)``, exactly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from functools import cache
-from typing import Literal
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -51,9 +51,22 @@ __all__ = [
 ]
 
 
+# The maps' µm/px when a caller gives none: every shipped model and the public HoVer-Net
+# checkpoints run at 0.25 µm/px (40x).
+DEFAULT_MAP_MPP = 0.25
+
+
 @dataclass(frozen=True)
 class PostprocConfig:
     """Parameters of the HoVer post-processing (defaults: the official fast pipeline).
+
+    Object and marker size limits are areas in µm² (``min_object_um2``,
+    ``min_marker_um2``), converted to pixels at the maps' µm/px, so one model's
+    calibrated values hold when it runs at another resolution; the defaults are
+    the official 10 px at 0.25 µm/px. ``fill_holes`` fills enclosed holes of each
+    nucleus (a pale chromatin centre read as background). Each model may carry
+    its own values in its metadata (:meth:`from_meta`), calibrated on its own
+    dev-split predictions (``benchmarks/calibrate_postproc.py``).
 
     ``sobel_low``/``sobel_high`` are used only with ``hv_norm="none"``: they are
     the fixed stand-ins for the tile's minimum and maximum Sobel response, in
@@ -62,21 +75,59 @@ class PostprocConfig:
     """
 
     np_threshold: float = 0.5
-    min_object_size: int = 10
+    min_object_um2: float = 0.625
     sobel_ksize: int = 21
     marker_threshold: float = 0.4
     marker_open_size: int = 5
-    min_marker_size: int = 10
+    min_marker_um2: float = 0.625
+    fill_holes: bool = False
     hv_norm: HvNorm = "none"
     sobel_low: float = -0.29
     sobel_high: float = 0.175
+
+    def pixels(self, um2: float, mpp: float) -> int:
+        """An area in µm² as a whole number of pixels at ``mpp`` µm/px."""
+        return int(round(um2 / (mpp * mpp)))
+
+    def to_meta(self) -> dict[str, float | int | str | bool]:
+        """The values as a model's metadata stores them."""
+        return dict(asdict(self))
+
+    @classmethod
+    def from_meta(cls, values: Any, source: str = "model metadata") -> PostprocConfig:
+        """The post-processing a model's metadata names (missing keys: the defaults).
+
+        A model file is data from somewhere else: a wrong key or a value out of range is
+        refused with the file named, never silently replaced by a default.
+        """
+        fix = ("remove or correct the 'postproc' entry of that model's metadata "
+               "(benchmarks/calibrate_postproc.py writes a calibrated copy under a new name)")
+        if values is None:
+            return cls()
+        if not isinstance(values, dict):
+            raise ConfigError(source, f"its 'postproc' metadata is a {type(values).__name__}, not a mapping", fix)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(source, f"its 'postproc' metadata has unknown keys {unknown} (known: {sorted(known)})",
+                              fix)
+        try:
+            return cls(**values)
+        except ConfigError as exc:
+            raise ConfigError(source, f"its 'postproc' metadata is out of range: {exc.problem}", fix) from None
+        except TypeError as exc:
+            raise ConfigError(source, f"its 'postproc' metadata is malformed ({exc})", fix) from None
 
     def __post_init__(self) -> None:
         problems = []
         if not 0.0 < self.np_threshold < 1.0:
             problems.append(f"np_threshold={self.np_threshold} must lie strictly between 0 and 1")
-        if self.min_object_size < 0 or self.min_marker_size < 0:
-            problems.append("min_object_size and min_marker_size must be >= 0")
+        for name in ("min_object_um2", "min_marker_um2"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 200.0:
+                problems.append(f"{name}={value!r} must be an area between 0 and 200 µm²")
+        if not isinstance(self.fill_holes, bool):
+            problems.append(f"fill_holes={self.fill_holes!r} must be true or false")
         if self.sobel_ksize not in (1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31):
             problems.append(f"sobel_ksize={self.sobel_ksize} must be odd and between 1 and 31")
         if not 0.0 < self.marker_threshold < 1.0:
@@ -114,22 +165,27 @@ def postprocess(
     tp_prob: np.ndarray | None = None,
     *,
     config: PostprocConfig | None = None,
+    mpp: float = DEFAULT_MAP_MPP,
 ) -> PostprocResult:
     """Turn the engine's maps into labelled nuclei with geometry and class.
 
     ``np_prob`` (H, W) is the nucleus probability, ``hv`` (2, H, W) the
     horizontal (x) and vertical (y) maps in [-1, 1], ``tp_prob`` (C, H, W)
-    the type softmax with background at index 0, or None.
+    the type softmax with background at index 0, or None; ``mpp`` the maps'
+    µm/px (for the size limits in µm²).
     """
     cfg = config or PostprocConfig()
     np_prob, hv, tp_prob = _check_maps(np_prob, hv, tp_prob)
-    inst_map = instance_map(np_prob, hv, cfg)
+    inst_map = instance_map(np_prob, hv, cfg, mpp)
     return PostprocResult(inst_map=inst_map, nuclei=describe_nuclei(inst_map, np_prob, tp_prob))
 
 
-def instance_map(np_prob: np.ndarray, hv: np.ndarray, config: PostprocConfig) -> np.ndarray:
+def instance_map(
+    np_prob: np.ndarray, hv: np.ndarray, config: PostprocConfig, mpp: float = DEFAULT_MAP_MPP
+) -> np.ndarray:
     """Marker-controlled watershed of the HoVer recipe; labels 1..N consecutive (int32)."""
-    blob = _remove_small(ndi.label(np_prob >= config.np_threshold)[0], config.min_object_size) > 0
+    min_object = config.pixels(config.min_object_um2, mpp)
+    blob = _remove_small(ndi.label(np_prob >= config.np_threshold)[0], min_object) > 0
     energy = boundary_energy(hv, config)
     # Outside the blobs the energy is irrelevant: the official code subtracts (1 - blob) and clips.
     energy = np.where(blob, energy, 0.0).astype(np.float32)
@@ -139,10 +195,26 @@ def instance_map(np_prob: np.ndarray, hv: np.ndarray, config: PostprocConfig) ->
     marker = ndi.binary_fill_holes(marker).astype(np.uint8)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (config.marker_open_size,) * 2)
     marker = cv2.morphologyEx(marker, cv2.MORPH_OPEN, kernel)
-    marker = _remove_small(ndi.label(marker)[0], config.min_marker_size)
+    marker = _remove_small(ndi.label(marker)[0], config.pixels(config.min_marker_um2, mpp))
 
-    labels = watershed(dist, markers=marker, mask=blob)
-    return relabel_sequential(labels.astype(np.int32))[0].astype(np.int32)
+    labels = watershed(dist, markers=marker, mask=blob).astype(np.int32)
+    if config.fill_holes:
+        labels = _fill_holes(labels)
+    # Watershed pieces below the object size are fragments, not nuclei (the blob filter saw them joined).
+    labels = _remove_small(labels, min_object)
+    return relabel_sequential(labels)[0].astype(np.int32)
+
+
+def _fill_holes(labels: np.ndarray) -> np.ndarray:
+    """Fill holes enclosed by one nucleus with its label (per object, on its bbox crop)."""
+    out = labels.copy()
+    for label, sl in enumerate(ndi.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        crop = out[sl]
+        filled = ndi.binary_fill_holes(crop == label)
+        crop[filled & (crop == 0)] = label
+    return out
 
 
 def boundary_energy(hv: np.ndarray, config: PostprocConfig) -> np.ndarray:

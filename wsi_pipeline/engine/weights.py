@@ -36,9 +36,10 @@ from torch import Tensor
 
 from wsi_pipeline.atomic import atomic_path
 from wsi_pipeline.engine.model import ChannelSpec, HoVerNet
+from wsi_pipeline.engine.postproc import PostprocConfig
 from wsi_pipeline.errors import ModelError
 
-__all__ = ["DEFAULT_MPP", "FORMAT_VERSION", "load_model", "read_state_dict", "save_model"]
+__all__ = ["DEFAULT_MPP", "FORMAT_VERSION", "load_model", "model_postproc", "read_state_dict", "save_model"]
 
 FORMAT_VERSION = 1
 DEFAULT_MPP = 0.25
@@ -222,7 +223,15 @@ def load_model(path_or_name: str | PathLike[str], device: str | torch.device = "
     except ModelError as exc:
         raise ModelError(path, exc.problem, exc.fix) from None
     model.meta = _complete_meta(meta, model, path)
+    # Each model carries its own post-processing; a bad value is refused here, naming the file.
+    model.postproc = PostprocConfig.from_meta(meta.get("postproc"), str(path))
     return model.to(device).eval()
+
+
+def model_postproc(model: torch.nn.Module) -> PostprocConfig:
+    """The post-processing a model was calibrated with (the defaults for one not loaded from a file)."""
+    config = getattr(model, "postproc", None)
+    return config if isinstance(config, PostprocConfig) else PostprocConfig()
 
 
 def default_classes(num_types: int | None) -> list[dict[str, Any]]:
