@@ -51,3 +51,22 @@ def plumbing_model(path: Path, slide: Path) -> Path:
     finally:
         torch.set_num_threads(threads)
     return save_model(model, path, meta={"name": "plumbing", "classes": CONSEP_CLASSES, "mpp": 0.25})
+
+
+def tiny_labelled_folder(root: Path) -> Path:
+    """Two 256 px images with a few disc-shaped nuclei, in the images/ + labels/ layout."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for name in ("a_1", "b_1"):
+        image = np.full((256, 256, 3), 230, np.uint8)
+        inst = np.zeros((256, 256), np.int32)
+        for label in range(1, 6):
+            y, x = rng.integers(20, 236, 2)
+            cv2.circle(inst, (int(x), int(y)), 7, label, -1)
+        image[inst > 0] = (90, 40, 140)
+        cv2.imwrite(str(root / "images" / f"{name}.png"), image[..., ::-1])
+        np.savez(root / "labels" / f"{name}.npz", inst_map=inst, type_map=(inst > 0).astype(np.uint8) * 2)
+    return root

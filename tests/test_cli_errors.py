@@ -7,30 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
+from _helpers import tiny_labelled_folder
 
 from wsi_pipeline.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _tiny_dataset(root: Path) -> Path:
-    """Two 256 px images with a few disc-shaped nuclei, in the images/ + labels/ layout."""
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir(parents=True)
-    (root / "labels").mkdir()
-    for name in ("a_1", "b_1"):
-        image = np.full((256, 256, 3), 230, np.uint8)
-        inst = np.zeros((256, 256), np.int32)
-        for label in range(1, 6):
-            y, x = rng.integers(20, 236, 2)
-            cv2.circle(inst, (int(x), int(y)), 7, label, -1)
-        image[inst > 0] = (90, 40, 140)
-        cv2.imwrite(str(root / "images" / f"{name}.png"), image[..., ::-1])
-        np.savez(root / "labels" / f"{name}.npz", inst_map=inst, type_map=(inst > 0).astype(np.uint8) * 2)
-    return root
 
 
 @pytest.mark.parametrize("damage", ["garbage", "code"])
@@ -39,7 +21,7 @@ def test_train_resume_from_a_bad_checkpoint(damage: str, tmp_path: Path, capsys:
 
     import torch
 
-    data = _tiny_dataset(tmp_path / "data")
+    data = tiny_labelled_folder(tmp_path / "data")
     workdir = tmp_path / "work"
     workdir.mkdir()
     if damage == "garbage":

@@ -113,3 +113,33 @@ def bn_l1_penalty(model: torch.nn.Module) -> torch.Tensor:
     if not terms:
         return torch.zeros(())
     return torch.stack(terms).sum()
+
+
+def _soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) of softened class maps, per pixel, times T² (Hinton et al. 2015)."""
+    t = temperature
+    log_p = F.log_softmax(student_logits.float() / t, dim=1)
+    q = F.softmax(teacher_logits.float() / t, dim=1)
+    kl = (q * (torch.log(q.clamp_min(1.0e-8)) - log_p)).sum(1)
+    return kl.mean() * (t * t)
+
+
+def distillation_loss(
+    out: dict[str, torch.Tensor], teacher_out: dict[str, torch.Tensor], temperature: float = 2.0
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The student's distance to the teacher's NP/HV/TP outputs (soft targets).
+
+    NP and TP: KL divergence of the temperature-softened class maps, so the student learns
+    the teacher's uncertainty at nucleus borders and between look-alike classes (and gets
+    class targets for instance-only images, which have no TP ground truth). HV: mean squared
+    error to the teacher's maps, weighted towards the teacher's nuclei, where the watershed
+    reads the gradients.
+    """
+    terms: dict[str, torch.Tensor] = {"kd_np": _soft_kl(out["np"], teacher_out["np"], temperature)}
+    teacher_fg = teacher_out["np"].float().softmax(1)[:, 1:2]
+    hv_err = (out["hv"].float() - teacher_out["hv"].float()) ** 2
+    terms["kd_hv"] = (hv_err * (0.25 + teacher_fg)).mean()
+    if "tp" in out and "tp" in teacher_out:
+        terms["kd_tp"] = _soft_kl(out["tp"], teacher_out["tp"], temperature)
+    total = torch.stack(list(terms.values())).sum()
+    return total, {k: v.detach() for k, v in terms.items()}

@@ -41,7 +41,7 @@ from wsi_pipeline.engine.infer import InferenceConfig, bf16_supported
 from wsi_pipeline.engine.postproc import PostprocConfig
 from wsi_pipeline.errors import ConfigError
 from wsi_pipeline.evaluate import evaluate_samples
-from wsi_pipeline.losses import LossWeights, bn_l1_penalty, hovernet_loss
+from wsi_pipeline.losses import LossWeights, bn_l1_penalty, distillation_loss, hovernet_loss
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,10 @@ class TrainConfig(BaseModel):
         0, ge=0, description="data-loading worker processes (0: in the training process; use ~cores-1 on a GPU)"
     )
     loss_weights: dict[str, float] = Field(default_factory=dict)
+    distill_weight: float = Field(
+        0.5, ge=0, le=1, description="with a teacher: share of the distillation loss (the rest: ground truth)"
+    )
+    distill_temperature: float = Field(2.0, gt=0, le=20, description="softening of the teacher's NP/TP maps")
 
 
 @dataclass
@@ -173,6 +177,8 @@ def fit(
     step_hook: Callable[[torch.nn.Module], None] | None = None,
     resume: bool = False,
     progress: bool = True,
+    teacher: torch.nn.Module | None = None,
+    teacher_id: str | None = None,
 ) -> FitResult:
     """Train ``model`` in place; evaluate on ``dev_samples`` each ``eval_every`` epochs.
 
@@ -180,6 +186,10 @@ def fit(
     caller saves the model in its format); the scores also carry ``epoch`` and
     ``train_minutes``. ``step_hook(model)`` runs after every
     optimiser step (unstructured pruning re-applies its masks there).
+
+    With ``teacher`` the loss is ``(1 - w) * ground truth + w * distillation`` (``w`` =
+    ``cfg.distill_weight``, :func:`~wsi_pipeline.losses.distillation_loss`); ``teacher_id``
+    (its checksum) is kept in the checkpoint, and resuming with another teacher is refused.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -214,8 +224,19 @@ def fit(
     start_epoch, step, elapsed, best, best_epoch = 0, 0, 0.0, -math.inf, -1
     history: list[dict[str, Any]] = []
     ckpt_path = workdir / CHECKPOINT_NAME
+    if teacher is not None:
+        teacher.eval()
+        teacher.to(device=device, memory_format=torch.channels_last)
+        for parameter in teacher.parameters():
+            parameter.requires_grad_(False)
     if resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
+        if state.get("teacher") != teacher_id:
+            raise ConfigError(
+                ckpt_path,
+                f"was trained with teacher {state.get('teacher') or 'none'}, not {teacher_id or 'none'}",
+                "resume with the teacher of the run that wrote it, or delete it to start a new run",
+            )
         try:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
@@ -266,6 +287,13 @@ def fit(
                 out = model(batch["image"])
             # Loss terms stay on the device until the epoch ends: a GPU is not stalled by per-step syncs.
             loss, terms = hovernet_loss(out, batch, weights, tp_class_weights=class_weights, as_floats=False)
+            if teacher is not None:
+                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    teacher_out = teacher(batch["image"])
+                kd, kd_terms = distillation_loss(out, teacher_out, cfg.distill_temperature)
+                loss = (1.0 - cfg.distill_weight) * loss + cfg.distill_weight * kd
+                terms.update(kd_terms)
+                terms["total"] = loss.detach()
             if cfg.bn_l1 > 0:
                 penalty = bn_l1_penalty(model)
                 loss = loss + cfg.bn_l1 * penalty
@@ -336,6 +364,7 @@ def fit(
                 "best_epoch": best_epoch,
                 "history": json.dumps(history),
                 "config": cfg.model_dump_json(),
+                "teacher": teacher_id,
             },
         )
         (workdir / HISTORY_NAME).write_text(json.dumps(history, indent=1))

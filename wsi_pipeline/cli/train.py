@@ -40,6 +40,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="random seed of crops, augmentation and initial weights (0)")
     p.add_argument("--device", help="torch device: cpu (default) or cuda[:N]")
     p.add_argument("--workers", type=int, help="data-loading worker processes (default 0)")
+    p.add_argument("--teacher", metavar="NAME|PATH",
+                   help="distil from this model's NP/HV/TP outputs (same classes and mode as the student)")
+    p.add_argument("--distill-weight", type=float, help="share of the distillation loss, 0..1 (0.5)")
+    p.add_argument("--distill-temperature", type=float, help="softening of the teacher's class maps (2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs of background runs)")
     p.set_defaults(func=run)
 
@@ -49,8 +53,28 @@ def _load_config(args: argparse.Namespace) -> Any:
     from wsi_pipeline.train import TrainConfig
 
     overrides = {name: getattr(args, name) for name in
-                 ("max_minutes", "epochs", "width", "batch_size", "threads", "bn_l1", "seed", "device", "workers")}
+                 ("max_minutes", "epochs", "width", "batch_size", "threads", "bn_l1", "seed", "device", "workers",
+                  "distill_weight", "distill_temperature")}
     return load_options(TrainConfig, args.config, overrides)
+
+
+def _check_out(args: argparse.Namespace, workdir: Path, init_path: str | None) -> None:
+    """Training writes a new model: it never replaces an existing file (a shipped or committed
+    model) except the one its own resumed run is writing."""
+    out = args.out.resolve()
+    for what, ref in (("--init", init_path), ("--teacher", getattr(args, "teacher", None))):
+        if ref:
+            from wsi_pipeline.engine.registry import resolve_model
+
+            if resolve_model(ref) == out:
+                raise ConfigError(args.out, f"is the {what} model itself", "write the trained model under a new name")
+    resuming = args.resume and (workdir / "last.pt").is_file()
+    if out.exists() and not resuming:
+        raise ConfigError(
+            args.out,
+            "exists already; training never overwrites a model in place",
+            "choose a new --out (a new model name), or pass --resume to continue the run that writes it",
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,8 +109,22 @@ def run(args: argparse.Namespace) -> int:
     else:
         model = HoVerNet(mode=cfg.mode, num_types=num_types, spec=ChannelSpec.scaled(cfg.width, cfg.mode))
     init_sha = file_checksum(init_meta["path"]) if init_meta.get("path") else None
+    teacher, teacher_sha, distillation = None, None, None
+    if args.teacher:
+        from wsi_pipeline.engine.registry import resolve_model
+        from wsi_pipeline.prune.distill import check_teacher, teacher_record
+
+        teacher_path = resolve_model(args.teacher)
+        teacher = load_model(teacher_path)
+        if not args.init:
+            model.meta = {"classes": classes}
+        check_teacher(teacher, model, teacher_path)
+        teacher_sha = file_checksum(teacher_path)
+        distillation = teacher_record(teacher_path, teacher_sha, teacher.meta, cfg.distill_weight,
+                                      cfg.distill_temperature)
     name = args.name or args.out.name.split(".")[0]
     workdir = args.workdir or args.out.with_name(args.out.name + ".train")
+    _check_out(args, workdir, init_meta.get("path"))
     params = count_params(model)
     macs = count_macs(model)
     log.info("model %s: %.2f M parameters, %.2f GMAC per patch", name, params / 1e6, macs / 1e9)
@@ -114,12 +152,14 @@ def run(args: argparse.Namespace) -> int:
             },
             "metrics": {"dev": dev},
         }
+        if distillation is not None:
+            meta["distillation"] = distillation
         if init_meta.get("lineage"):
             # A pruned model fine-tuned further keeps its pruning history; this run is added to it.
             lineage = copy.deepcopy(init_meta["lineage"])  # on_best runs many times: append once per run
             lineage.setdefault("further_training", []).append(
                 {"init": str(args.init), "init_sha256": init_sha, "best_epoch": dev.get("epoch"),
-                 "train_minutes": dev.get("train_minutes"), "device": cfg.device}
+                 "train_minutes": dev.get("train_minutes"), "device": cfg.device, "distillation": distillation}
             )
             meta["lineage"] = lineage
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -127,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
         log.info("saved best model (dev %s=%.4f) to %s", cfg.select_metric, dev.get(cfg.select_metric, 0.0), args.out)
 
     result = fit(model, train_samples, dev_samples, cfg, workdir, on_best=on_best, resume=args.resume,
-                 progress=not args.no_progress)
+                 progress=not args.no_progress, teacher=teacher, teacher_id=teacher_sha)
     print(json.dumps({"out": str(args.out), "best_" + cfg.select_metric: result.best_metric,
                       "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                       "minutes": round(result.minutes, 1)}, indent=1))
