@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             "from": str(path), "dev_split": str(args.dev_split), "pooled_pq": current_score["pooled_pq"],
             "baseline_pooled_pq": baseline["pooled_pq"], "script": "benchmarks/calibrate_postproc.py",
         }
+        args.write.parent.mkdir(parents=True, exist_ok=True)
         save_model(model, args.write, meta)
         print(f"wrote {args.write}", file=sys.stderr)
     return 0
