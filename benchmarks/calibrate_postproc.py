@@ -56,6 +56,12 @@ GRID: dict[str, Sequence[Any]] = {
 }
 
 
+def _shown(path: Path) -> str:
+    """A path as the JSON and the model's metadata record it: relative to the repository."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def predict(model: Any, samples: Sequence[Any]) -> list[tuple[Any, Any]]:
     """The model's fp32 maps for every sample (kept: post-processing is what varies)."""
     inferer = TileInferer(model, InferenceConfig(batch_size=8, bf16=False))
@@ -104,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     path = resolve_model(args.model)
+    shown = _shown(path)
     if args.write is not None and args.write.resolve() == path.resolve():
         raise SystemExit(f"--write {args.write} is the model itself: a calibrated model gets a new file and name")
     model = load_model(path)
@@ -141,10 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         if not changed:
             break
     summary = {
-        "model": str(path),
+        "model": shown,
         "model_name": model.meta.get("name"),
         "mpp": mpp,
-        "dev_split": str(args.dev_split),
+        "dev_split": _shown(args.dev_split),
         "images": {k: len(v) for k, v in sets.items()},
         "small_um2": SMALL_UM2,
         "predict_seconds": round(predict_s, 1),
@@ -162,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         meta["name"] = args.name or args.write.name.split(".")[0]
         meta["postproc"] = current.to_meta()
         meta["postproc_calibration"] = {
-            "from": str(path), "dev_split": str(args.dev_split), "pooled_pq": current_score["pooled_pq"],
+            "from": shown, "dev_split": _shown(args.dev_split), "pooled_pq": current_score["pooled_pq"],
             "baseline_pooled_pq": baseline["pooled_pq"], "script": "benchmarks/calibrate_postproc.py",
         }
         args.write.parent.mkdir(parents=True, exist_ok=True)

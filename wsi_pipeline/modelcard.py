@@ -52,6 +52,22 @@ def _trained_on(training: dict[str, Any], hw: dict[str, Any]) -> str:
     return f"- Trained {start} on {where}, torch {hw.get('torch')}; started {training.get('started')}."
 
 
+def _postproc_section(meta: dict) -> list[str]:
+    """The post-processing the model carries (what `run` and `evaluate` apply with it)."""
+    values = meta.get("postproc")
+    if not values:
+        return ["", "## Post-processing", "- The HoVer-Net defaults (no calibrated values in its metadata)."]
+    lines = ["", "## Post-processing (carried in the model's metadata)", "", "| parameter | value |", "|---|---|"]
+    lines += [f"| {key} | {value} |" for key, value in values.items()]
+    calibration = meta.get("postproc_calibration") or {}
+    if calibration:
+        lines += ["", f"Calibrated on the dev split's predicted maps by `{calibration.get('script')}` "
+                  f"(from `{calibration.get('from')}`): pooled dev PQ {calibration.get('baseline_pooled_pq', 0):.4f} "
+                  f"with the defaults -> {calibration.get('pooled_pq', 0):.4f}. The dev split chose these values, so "
+                  "its figures below are optimistic; the independent evaluation on other splits is the check."]
+    return lines
+
+
 def render_card(model_path: Path, evaluations: dict[str, Path], *, extra: str = "") -> str:
     """Markdown card for ``model_path``; ``evaluations`` maps a label to an `evaluate --json` file."""
     meta = read_metadata(model_path)
@@ -106,6 +122,9 @@ def render_card(model_path: Path, evaluations: dict[str, Path], *, extra: str = 
             json.dumps(training.get("config", {}), indent=1),
             "```",
         ]
+    if meta.get("distillation"):
+        lines += ["", "## Distillation", "```json", json.dumps(meta["distillation"], indent=1), "```"]
+    lines += _postproc_section(meta)
     if evals:
         lines += ["", "## Dev-split metrics (`wsi-pipeline evaluate`, fp32)", ""]
         lines += _metrics_table(evals, classes)
