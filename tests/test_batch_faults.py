@@ -123,8 +123,8 @@ def content(folder: Path, name: str) -> dict[str, object]:
     store = zarr.open_group(folder / f"{name}.zarr", mode="r")
     return {
         "features": features,
-        "labels": np.asarray(store["labels/nuclei/0"][:]),
-        "classes": np.asarray(store["labels/nuclei_class/0"][:]),
+        "labels": np.asarray(store["nuclei/0"][:]),
+        "classes": np.asarray(store["nuclei_class/0"][:]),
     }
 
 

@@ -24,9 +24,18 @@ from skimage.segmentation import relabel_sequential
 from wsi_pipeline.classes import CONSEP_CLASSES
 from wsi_pipeline.engine.postproc import describe_nuclei
 from wsi_pipeline.nuclei import Nucleus
-from wsi_pipeline.outputs.geojson import AREA_KEY, PROB_KEY, GeoJSONWriter, batch_polygon_rings, polygon_rings
+from wsi_pipeline.outputs.geojson import (
+    AREA_KEY,
+    LABEL_KEY,
+    MEAN_PROB_KEY,
+    VOTE_KEY,
+    GeoJSONWriter,
+    batch_polygon_rings,
+    polygon_rings,
+)
 
 MPP = 0.25
+SLIDE_MPP = (0.2456, 0.2458)  # level-0 µm/px (x, y) of a 40x scanner
 SCALE = 0.25 / 0.2456  # level-0 px per inference px, as on a 0.2456 µm/px scanner
 CROPS = ("train_8_000", "train_23_008")  # every class; a crowded crop
 
@@ -71,7 +80,7 @@ def nuclei(consep_train: Path) -> list[Nucleus]:
 
 
 def _write(path: Path, nuclei: list[Nucleus], compress: bool) -> int:
-    writer = GeoJSONWriter(path, CONSEP_CLASSES, MPP, compress=compress)
+    writer = GeoJSONWriter(path, CONSEP_CLASSES, MPP, slide_mpp=SLIDE_MPP, compress=compress)
     for n in nuclei:
         writer.add(n)
     return writer.close()
@@ -129,10 +138,34 @@ def test_features_follow_qupath_rules(tmp_path: Path, nuclei: list[Nucleus]) -> 
         measurements = props["measurements"]
         assert isinstance(measurements, dict)
         assert measurements[AREA_KEY] == pytest.approx(nucleus.area_um2, abs=0.01)
-        assert measurements[PROB_KEY] == pytest.approx(nucleus.type_prob, abs=1e-4)
+        # Two named confidences: the vote fraction (HoVer-Net's type_prob) and the mean
+        # probability of the nucleus' class, which is the class' own "Prob" entry.
+        assert measurements[VOTE_KEY] == pytest.approx(nucleus.type_prob, abs=1e-4)
+        assert measurements[MEAN_PROB_KEY] == pytest.approx(nucleus.class_probs[nucleus.type], abs=1e-4)
         probs = [measurements[f"Prob {name}"] for name in ["background"] + [c["name"] for c in CONSEP_CLASSES]]
         assert np.allclose(probs, nucleus.class_probs, atol=1e-4)
-        assert props["label_id"] == nucleus.label
+        assert measurements[MEAN_PROB_KEY] == measurements[f"Prob {cls['name']}"]
+        assert props["label_id"] == measurements[LABEL_KEY] == nucleus.label
+
+
+def test_header_gives_the_coordinate_frame_and_both_resolutions(tmp_path: Path, nuclei: list[Nucleus]) -> None:
+    """Coordinates are level-0 pixels: their µm/px is the slide's (x and y), not the
+    model's. A script that takes its scale from the header gets areas right."""
+    path = tmp_path / "s.geojson.gz"
+    _write(path, nuclei, compress=True)
+    header = _load(path)["properties"]
+    assert (header["level0_mpp_x"], header["level0_mpp_y"]) == SLIDE_MPP
+    assert header["inference_mpp"] == MPP and "mpp" not in header
+    assert "level-0 pixels" in header["coordinates"] and "y down" in header["coordinates"]
+    classes = {c["id"]: c for c in header["classes"]}
+    assert classes[0]["name"] == "nucleus" and "did not classify" in classes[0]["description"]
+    assert [classes[c["id"]]["name"] for c in CONSEP_CLASSES] == [c["name"] for c in CONSEP_CLASSES]
+    assert {VOTE_KEY, MEAN_PROB_KEY, AREA_KEY} <= set(header["measurements"])
+    # The header's scale turns a polygon's px² into the nucleus' µm² (within rounding).
+    _, _, geometry, _ = pyogrio.raw.read(f"/vsigzip/{path}")
+    scaled = shapely.area(shapely.from_wkb(geometry)) * header["level0_mpp_x"] * header["level0_mpp_y"]
+    expected = np.array([n.area_um2 for n in nuclei])
+    assert np.median(np.abs(scaled / expected - 1)) < 0.05
 
 
 def test_plain_and_gzip_hold_the_same_collection(tmp_path: Path, nuclei: list[Nucleus]) -> None:
@@ -208,6 +241,11 @@ def test_untyped_nuclei_and_models_without_type_head(tmp_path: Path) -> None:
     first, second = _load(path)["features"]
     assert first["properties"]["classification"]["name"] == "nucleus"
     assert len(first["properties"]["classification"]["color"]) == 3
+    # No vote fraction or class probability for a nucleus without a class (it would read
+    # 1.0, "certain"), only the channels' own probabilities.
+    assert VOTE_KEY not in first["properties"]["measurements"]
+    assert MEAN_PROB_KEY not in first["properties"]["measurements"]
+    assert "Prob background" in first["properties"]["measurements"]
     assert set(second["properties"]["measurements"]) == {AREA_KEY, "Label id"}
 
 

@@ -2,7 +2,10 @@
 
 The slide's own thumbnail and tissue mask feed the overview; nuclei are real CoNSeP
 nuclei (measured by the engine's ``describe_nuclei``) stamped over the tissue, so the
-density map has something to show where tissue is and nothing where it is not.
+density map has something to show where tissue is and nothing where it is not. The same
+nuclei go through the GeoParquet writer and the QC sink, so the report's crops are drawn
+from a real table. (tests/test_outputs_installed.py renders a real run's report in
+Chromium.)
 """
 
 from __future__ import annotations
@@ -21,6 +24,14 @@ from PIL import Image
 from wsi_pipeline.classes import CONSEP_CLASSES
 from wsi_pipeline.engine.postproc import describe_nuclei
 from wsi_pipeline.nuclei import Nucleus
+from wsi_pipeline.outputs.parquet import NucleiParquet
+from wsi_pipeline.outputs.qc import (
+    FRAGMENT_UM2,
+    NucleiQC,
+    choose_crops,
+    qc_warnings,
+    read_crops,
+)
 from wsi_pipeline.outputs.report import (
     BATCH_REPORT_JSON,
     STAGES,
@@ -51,9 +62,9 @@ REPORT_KEYS = {
 }
 
 
-@pytest.fixture(scope="module")
-def slide_inputs(aperio_svs: Path, consep_train: Path):
-    """Thumbnail, tissue mask, slide facts and a density grid filled with nuclei on tissue."""
+def _stamped(aperio_svs: Path, consep_train: Path):
+    """The slide's thumbnail and tissue mask, and a CoNSeP crop's nuclei stamped over every
+    tissue cell of a 64 µm grid (level-0 px), with ids 1..N."""
     with open_slide(aperio_svs) as slide:
         thumbnail = slide.thumbnail(8.0)
         tissue = tissue_mask(slide, 8.0, thumbnail=thumbnail)
@@ -63,20 +74,42 @@ def slide_inputs(aperio_svs: Path, consep_train: Path):
     inst, types = data["inst_map"].astype(np.int32), data["type_map"].astype(np.int64)
     tp = np.stack([types == c for c in range(5)]).astype(np.float32)
     crop = describe_nuclei(inst, (inst > 0).astype(np.float32), tp)
-    density = NucleiDensity(width, height, slide_mpp, num_types=5, cells=64, cell_um=1.0)
     scale = 0.25 / slide_mpp[0]  # CoNSeP px (0.25 µm) -> level-0 px
     step = 256 * scale
-    nid = 0
+    nuclei = []
     for y in np.arange(0, height - step, step):
         for x in np.arange(0, width - step, step):
             r = int((y + step / 2) / tissue.downsample_y)
             c = int((x + step / 2) / tissue.downsample_x)
             if not tissue.mask[min(r, tissue.mask.shape[0] - 1), min(c, tissue.mask.shape[1] - 1)]:
                 continue
-            for n in crop:
-                nid += 1
-                density.add(_nucleus(n, nid, x, y, scale))
+            nuclei.extend(_nucleus(n, len(nuclei) + 1 + k, x, y, scale) for k, n in enumerate(crop))
+    return thumbnail, tissue, width, height, slide_mpp, nuclei
+
+
+@pytest.fixture(scope="module")
+def slide_inputs(aperio_svs: Path, consep_train: Path):
+    """Thumbnail, tissue mask, slide facts and a density grid filled with nuclei on tissue."""
+    thumbnail, tissue, width, height, slide_mpp, nuclei = _stamped(aperio_svs, consep_train)
+    density = NucleiDensity(width, height, slide_mpp, num_types=5, cells=64, cell_um=1.0)
+    for n in nuclei:
+        density.add(n)
     return thumbnail, tissue, width, height, slide_mpp, density
+
+
+@pytest.fixture(scope="module")
+def qc_inputs(tmp_path_factory: pytest.TempPathFactory, aperio_svs: Path, consep_train: Path):
+    """The stamped nuclei through the run's sinks: density (default grid), QC, GeoParquet."""
+    thumbnail, tissue, width, height, slide_mpp, nuclei = _stamped(aperio_svs, consep_train)
+    density = NucleiDensity(width, height, slide_mpp, num_types=5)
+    qc = NucleiQC(CONSEP_CLASSES)
+    table = tmp_path_factory.mktemp("qc") / "s.nuclei.parquet"
+    with NucleiParquet(table, CONSEP_CLASSES, 0.25, slide_mpp) as writer:
+        for n in nuclei:
+            for sink in (density, qc, writer):
+                sink.add(n)
+    return {"tissue": tissue, "density": density, "qc": qc, "table": table, "nuclei": nuclei,
+            "size": (width, height), "slide_mpp": slide_mpp, "thumbnail": thumbnail}
 
 
 def _nucleus(n, nid: int, x0: float, y0: float, scale: float) -> Nucleus:
@@ -143,19 +176,20 @@ def test_report_json_has_the_issue_keys_and_consistent_figures(tmp_path: Path, s
     assert html_path.exists()
 
 
-def test_report_html_is_self_contained_with_four_plots(tmp_path: Path, slide_inputs, aperio_svs) -> None:
+def test_report_html_is_self_contained_with_its_plots(tmp_path: Path, slide_inputs, aperio_svs) -> None:
     thumbnail, tissue, *_, density = slide_inputs
     report = _report(slide_inputs, aperio_svs)
     _, html_path = write_report(tmp_path, report, thumbnail=thumbnail, tissue=tissue, density=density)
     page = html_path.read_text(encoding="utf-8")
     assert not re.search(r"""(src|href)=["'](?!data:)""", page)  # nothing fetched from elsewhere
-    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    assert len(images) == 4
-    sizes = [Image.open(io.BytesIO(base64.b64decode(b))).size for b in images]
+    images = dict(re.findall(r'alt="([^"]+)" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page))
+    assert set(images) == {"Nuclei per class", "Nucleus size histogram", "Slide overview", "Time per stage",
+                           "Tile times"}
+    sizes = [Image.open(io.BytesIO(base64.b64decode(b))).size for b in images.values()]
     assert all(w > 300 and h > 150 for w, h in sizes)
-    overview = np.asarray(Image.open(io.BytesIO(base64.b64decode(images[0]))).convert("RGB"))
+    overview = np.asarray(Image.open(io.BytesIO(base64.b64decode(images["Slide overview"]))).convert("RGB"))
     assert overview.std() > 20  # the thumbnail and overlays are drawn, not a blank canvas
-    for text in ("cmu_small_region", "epithelial", "Tissue throughput", "ab" * 32):
+    for text in ("cmu_small_region", "epithelial", "Tissue throughput", "ab" * 32, "No crops"):
         assert text in page
 
 
@@ -177,7 +211,7 @@ def test_report_without_thumbnail_or_nuclei_still_renders(slide_inputs, aperio_s
     report.tile_seconds = []
     report.wall_seconds = 0.0
     page = render_html(report)
-    assert page.count("data:image/png;base64,") == 4
+    assert page.count("data:image/png;base64,") == 5
     assert report.to_dict()["throughput"]["nuclei_per_s"] is None
 
 
@@ -208,3 +242,103 @@ def test_density_cells_are_large_enough_to_hold_many_nuclei() -> None:
     assert density.counts.shape[1:] == (10, 16)
     big = NucleiDensity(400_000, 200_000, (0.25, 0.25), num_types=5, cells=256)
     assert big.counts.shape[2] == 256
+
+
+def test_qc_counts_classes_sizes_and_confidences(qc_inputs) -> None:
+    nuclei, summary = qc_inputs["nuclei"], qc_inputs["qc"].summary()
+    assert summary["nuclei"] == len(nuclei) == sum(summary["area_histogram"]["counts"])
+    by_name = {row["name"]: row for row in summary["per_class"]}
+    for cls in CONSEP_CLASSES:
+        members = [n for n in nuclei if n.type == cls["id"]]
+        row = by_name[cls["name"]]
+        assert row["count"] == len(members)
+        if members:
+            assert row["mean_area_um2"] == pytest.approx(np.mean([n.area_um2 for n in members]))
+            # One-hot ground-truth maps: every pixel is sure of its class.
+            assert row["mean_class_probability"] == pytest.approx(1.0) and row["low_confidence"] == 0
+            areas = [n.area_um2 for n in members]
+            low, high = np.percentile(areas, 50, method="lower"), np.percentile(areas, 50, method="higher")
+            assert low / 1.13 <= row["median_area_um2"] <= high * 1.13  # within a log bin (12% wide)
+    assert summary["fragments"] == sum(n.area_um2 < FRAGMENT_UM2 for n in nuclei)
+    assert by_name["nucleus"]["mean_class_probability"] is None  # untyped: no confidence to average
+    assert json.loads(json.dumps(summary)) == summary
+
+
+def test_qc_warnings_name_cut_nuclei_low_confidence_and_fragments() -> None:
+    calm = {"nuclei": 1000, "classified": 900, "low_confidence_fraction": 0.05, "low_confidence_below": 0.5,
+            "fragment_fraction": 0.16, "fragment_below_um2": 10.0}
+    assert qc_warnings(calm, edge_touching=0, margin=96) == []
+    worried = calm | {"low_confidence_fraction": 0.4, "fragment_fraction": 0.3}
+    cut, unsure, fragments = qc_warnings(worried, edge_touching=25, margin=0)
+    assert "25 nuclei (2.5%)" in cut and "--margin (now 0 px)" in cut
+    assert "40% of the classified nuclei are low-confidence" in unsure
+    assert "30% of the nuclei are smaller than 10 µm²" in fragments
+
+
+def test_crops_are_spread_over_the_tissue_from_dense_to_sparse(qc_inputs) -> None:
+    density, tissue = qc_inputs["density"], qc_inputs["tissue"]
+    width, height = qc_inputs["size"]
+    windows = choose_crops(
+        density.counts.sum(0), density.cell, tissue.mask, (tissue.downsample_x, tissue.downsample_y),
+        (width, height), qc_inputs["slide_mpp"], 0.25,
+    )
+    assert len(windows) == 6
+    assert windows[0].kind == "densest" and windows[-1].kind == "sparsest"
+    assert windows[0].density_per_mm2 >= windows[2].density_per_mm2 >= windows[-1].density_per_mm2
+    for w in windows:
+        assert (w.width_px, w.height_px) == (400, 400)
+        assert w.x0 >= 0 and w.x0 + w.width <= width and w.y0 >= 0 and w.y0 + w.height <= height
+        centre = (int((w.y0 + w.height / 2) / tissue.downsample_y), int((w.x0 + w.width / 2) / tissue.downsample_x))
+        assert tissue.mask[centre]  # on tissue
+    for i, a in enumerate(windows):  # no two crops show the same place
+        for b in windows[i + 1 :]:
+            assert abs(a.x0 - b.x0) >= a.width or abs(a.y0 - b.y0) >= a.height
+    blank = np.zeros_like(tissue.mask)
+    assert choose_crops(density.counts.sum(0) * 0, density.cell, blank, (1.0, 1.0), (width, height),
+                        qc_inputs["slide_mpp"], 0.25) == []
+
+
+def test_crops_show_every_nucleus_outline_in_its_class_colour(tmp_path: Path, qc_inputs, aperio_svs) -> None:
+    density, tissue = qc_inputs["density"], qc_inputs["tissue"]
+    windows = choose_crops(
+        density.counts.sum(0), density.cell, tissue.mask, (tissue.downsample_x, tissue.downsample_y),
+        qc_inputs["size"], qc_inputs["slide_mpp"], 0.25, count=3,
+    )
+    with open_slide(aperio_svs) as slide:
+        crops = read_crops(slide, windows, 0.25, qc_inputs["table"], CONSEP_CLASSES)
+    colors = {c["name"]: np.array(c["color"]) for c in CONSEP_CLASSES}
+    for crop in crops:
+        assert crop.image.shape == crop.outlined.shape == (400, 400, 3)
+        assert crop.nuclei == sum(crop.per_class.values())
+        changed = np.any(crop.image != crop.outlined, axis=2)
+        for name in crop.per_class:
+            if name in colors:  # drawn pixels of that exact colour
+                assert np.all(crop.outlined[changed] == colors[name], axis=1).sum() > 20, name
+        # The crop counts the nuclei whose centroid lies in it.
+        x0, y0, x1, y1 = crop.window.box
+        inside = [n for n in qc_inputs["nuclei"] if x0 <= n.centroid[0] < x1 and y0 <= n.centroid[1] < y1]
+        assert len(inside) == crop.nuclei
+    report = _report_for_crops(qc_inputs, aperio_svs)
+    report.crops = [crop.to_dict() for crop in crops]
+    _, html_path = write_report(tmp_path, report, thumbnail=qc_inputs["thumbnail"], tissue=tissue, density=density,
+                                crops=crops)
+    assert crops[0].nuclei > 0 and crops[0].nuclei >= crops[-1].nuclei
+    page = html_path.read_text(encoding="utf-8")
+    assert page.count('class="outlined"') == page.count('class="raw"') == 3
+    assert "densest" in page and 'id="outlines"' in page and "data-ready" in page
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert [c["kind"] for c in data["crops"]] == [w.kind for w in windows]
+    assert data["qc"]["nuclei"] == len(qc_inputs["nuclei"])
+
+
+def _report_for_crops(qc_inputs, aperio_svs: Path) -> SlideReport:
+    width, height = qc_inputs["size"]
+    summary = qc_inputs["qc"].summary()
+    return SlideReport(
+        slide=str(aperio_svs), name="cmu_small_region", width=width, height=height,
+        slide_mpp=qc_inputs["slide_mpp"], mpp=0.25, tissue_mm2=qc_inputs["tissue"].area_mm2, tiles=12,
+        tiles_grid=20, tile_size=1024, margin=96,
+        nuclei_per_class={row["name"]: row["count"] for row in summary["per_class"]}, edge_touching=0,
+        seconds={"read": 1.0}, wall_seconds=10.0, model={"name": "tiny"}, config={}, config_checksum="cd",
+        classes=CONSEP_CLASSES, qc=summary,
+    )

@@ -1,5 +1,7 @@
 """The OME-Zarr writer: a real CoNSeP mosaic written tile by tile, read back by zarr,
-ome-zarr-py and ome-zarr-models (NGFF 0.5).
+ome-zarr-py and ome-zarr-models (NGFF 0.5), in both layouts: labels only (the root is
+the labels group) and with the image (the root is the image, the labels in its
+``labels`` group). Either way the root is what viewers open.
 
 The driver below does what the stitcher promises the store: every core is written once
 with only the nuclei it owns (centroid inside), and the parts of those nuclei that spill
@@ -9,6 +11,7 @@ the mosaic's ground truth, pixel for pixel.
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 import uuid
@@ -19,6 +22,7 @@ import numpy as np
 import pytest
 import zarr
 from _helpers import ArrayLabels
+from PIL import Image
 from skimage.segmentation import relabel_sequential
 
 from wsi_pipeline.classes import CONSEP_CLASSES
@@ -26,7 +30,16 @@ from wsi_pipeline.engine.postproc import describe_nuclei
 from wsi_pipeline.errors import DataError
 from wsi_pipeline.nuclei import Nucleus
 from wsi_pipeline.outputs.geojson import GeoJSONWriter
-from wsi_pipeline.outputs.zarr_store import CLASS_LABELS, LABELS, TABLE, UNTYPED_VALUE, NucleiZarr, pyramid_levels
+from wsi_pipeline.outputs.parquet import NucleiParquet
+from wsi_pipeline.outputs.zarr_store import (
+    CLASS_LABELS,
+    IMAGE_FILL,
+    LABELS,
+    UNTYPED_VALUE,
+    NucleiZarr,
+    label_paths,
+    pyramid_levels,
+)
 
 MPP = 0.25
 SCALE = 0.25 / 0.2456  # level-0 px per inference px
@@ -34,6 +47,14 @@ CROPS = (("train_8_000", "train_23_008"), ("train_10_008", "train_18_000"))
 CORE = 128
 CHUNK = 64  # a divisor of the core: every core write is chunk-aligned
 SHAPE = (576, 640)  # the mosaic (512 x 512) plus empty slide around it
+
+
+@pytest.fixture(scope="module")
+def rgb(consep_train: Path) -> np.ndarray:
+    """The mosaic's RGB image (512 x 512), the crops' own pixels."""
+    rows = [np.hstack([np.asarray(Image.open(consep_train / "images" / f"{n}.jpg").convert("RGB")) for n in row])
+            for row in CROPS]
+    return np.vstack(rows)
 
 
 @pytest.fixture(scope="module")
@@ -86,75 +107,75 @@ def write_like_the_stitcher(path: Path, labels: np.ndarray, nuclei: list[Nucleus
     return store
 
 
-@pytest.fixture(scope="module")
-def written(tmp_path_factory: pytest.TempPathFactory, mosaic) -> tuple[Path, NucleiZarr]:
+def _write_mosaic(folder: Path, mosaic, rgb: np.ndarray, image: bool) -> tuple[Path, NucleiZarr]:
+    """The mosaic written like the stitcher does, plus its GeoJSON."""
     labels, nuclei = mosaic
-    path = tmp_path_factory.mktemp("zarr") / "slide.zarr"
-    store = write_like_the_stitcher(path, labels, nuclei, table_chunk=100)
+    path = folder / "slide.zarr"
+    store = write_like_the_stitcher(path, labels, nuclei, image=image)
+    if image:
+        for v0 in range(0, 512, CORE):  # the image is read core by core, like the run does
+            for u0 in range(0, 512, CORE):
+                store.write_image(u0, v0, rgb[v0 : v0 + CORE, u0 : u0 + CORE])
     store.close()
+    geojson = GeoJSONWriter(folder / "slide.geojson.gz", CONSEP_CLASSES, MPP, slide_mpp=(MPP / SCALE,) * 2)
+    for n in nuclei:
+        geojson.add(n)
+    geojson.close()
     return path, store
 
 
-def test_labels_table_and_pyramid_read_back(written, mosaic) -> None:
+@pytest.fixture(scope="module")
+def labels_only(tmp_path_factory: pytest.TempPathFactory, mosaic, rgb) -> tuple[Path, NucleiZarr]:
+    return _write_mosaic(tmp_path_factory.mktemp("zarr"), mosaic, rgb, image=False)
+
+
+@pytest.fixture(scope="module")
+def with_image(tmp_path_factory: pytest.TempPathFactory, mosaic, rgb) -> tuple[Path, NucleiZarr]:
+    return _write_mosaic(tmp_path_factory.mktemp("zarr_image"), mosaic, rgb, image=True)
+
+
+@pytest.fixture(params=["labels_only", "with_image"])
+def written(request: pytest.FixtureRequest) -> tuple[Path, NucleiZarr]:
+    """Both layouts: every test below holds for each."""
+    return request.getfixturevalue(request.param)
+
+
+def _paths(store: NucleiZarr) -> tuple[str, str]:
+    return label_paths(store.has_image)
+
+
+def test_labels_and_pyramid_read_back(written, mosaic) -> None:
     path, store = written
     labels, nuclei = mosaic
+    instance_path, class_path = _paths(store)
     root = zarr.open_group(path, mode="r")
     levels = pyramid_levels(SHAPE, CHUNK)
     assert levels == store.levels == 5  # 640 -> 320 -> 160 -> 80 -> 40 <= 64
+    assert root.attrs["wsi_pipeline"]["labels"] == instance_path
     types = np.zeros(len(nuclei) + 1, dtype=np.int64)
     types[[n.label for n in nuclei]] = [n.type for n in nuclei]
     for level in range(levels):
-        instance = root[f"labels/{LABELS}/{level}"]
+        instance = root[f"{instance_path}/{level}"]
         assert instance.dtype == np.int32
         expected = labels[:: 2**level, :: 2**level]
         assert np.array_equal(instance[:], expected)  # nearest: values kept, never averaged
-        classes = root[f"labels/{CLASS_LABELS}/{level}"][:]
-        assert np.array_equal(classes, np.where(expected > 0, types[expected], 0))
-    table = root[TABLE]
-    ids = table["label_id"][:]
-    assert table.attrs["count"] == len(nuclei)
-    assert np.array_equal(np.sort(ids), np.arange(1, len(nuclei) + 1))
-    assert set(np.unique(labels)) - {0} == set(ids.tolist())
-    by_id = {n.label: n for n in nuclei}
-    assert np.array_equal(table["type"][:], [by_id[i].type for i in ids])
-    assert np.allclose(table["centroid"][:], [by_id[i].centroid for i in ids])
-    assert np.allclose(table["bbox"][:], [by_id[i].bbox for i in ids])
-    assert np.allclose(table["area"][:], [by_id[i].area_um2 for i in ids], rtol=1e-6)
-    assert np.allclose(table["type_prob"][:], [by_id[i].type_prob for i in ids], rtol=1e-6)
-    assert table["centroid"].shape == (len(nuclei), 2) and table["bbox"].shape == (len(nuclei), 4)
+        classes = root[f"{class_path}/{level}"][:]
+        assert np.array_equal(classes, np.where(expected > 0, np.where(types == 0, UNTYPED_VALUE, types)[expected], 0))
 
 
-def test_label_ids_table_ids_and_features_agree(written, mosaic, tmp_path: Path) -> None:
-    path, _ = written
-    _, nuclei = mosaic
-    writer = GeoJSONWriter(tmp_path / "slide.geojson.gz", CONSEP_CLASSES, MPP)
-    for n in nuclei:
-        writer.add(n)
-    features = writer.close()
-    root = zarr.open_group(path, mode="r")
-    label_ids = set(np.unique(root[f"labels/{LABELS}/0"][:]).tolist()) - {0}
-    table_ids = set(root[f"{TABLE}/label_id"][:].tolist())
-    assert label_ids == table_ids and len(table_ids) == features == len(nuclei)
-
-
-def test_empty_chunks_are_never_stored(written) -> None:
-    """Only chunks with labels exist on disk: background costs nothing."""
-    path, _ = written
-    stored = {
-        p.relative_to(path / "labels" / LABELS / "0" / "c") for p in (path / "labels" / LABELS / "0").rglob("c/*/*")
-    }
-    rows, cols = {int(p.parts[0]) for p in stored}, {int(p.parts[1]) for p in stored}
-    assert stored and max(rows) < 512 // CHUNK and max(cols) < 512 // CHUNK
-
-
-def test_ome_zarr_py_reads_both_label_images(written, mosaic) -> None:
+def test_ome_zarr_py_reads_the_root_and_its_labels_are_the_geojson_ids(written, mosaic) -> None:
+    """ome-zarr-py's Reader, given the store itself, finds the label images (and the
+    image when there is one); the label values are the GeoJSON's label ids, as GDAL reads them."""
+    import pyogrio
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Reader
 
     path, store = written
     labels, _ = mosaic
-    nodes = {node.metadata.get("name"): node for node in Reader(parse_url(str(path / "labels")))()}
+    nodes = {node.metadata.get("name"): node for node in Reader(parse_url(str(path)))() if node.data}
     assert {LABELS, CLASS_LABELS} <= set(nodes)
+    if store.has_image:
+        assert "image" in nodes and len(nodes["image"].data) == store.levels
     instance = nodes[LABELS]
     assert len(instance.data) == store.levels
     assert np.array_equal(np.asarray(instance.data[0]), labels)
@@ -162,6 +183,9 @@ def test_ome_zarr_py_reads_both_label_images(written, mosaic) -> None:
     scales = [t[0]["scale"] for t in instance.metadata["coordinateTransformations"]]
     assert scales == [[MPP * 2**k, MPP * 2**k] for k in range(store.levels)]
     assert [a["name"] for a in instance.metadata["axes"]] == ["y", "x"]
+    _, _, _, fields = pyogrio.raw.read(f"/vsigzip/{path.parent / 'slide.geojson.gz'}", columns=["label_id"])
+    values = np.unique(np.asarray(instance.data[0]))
+    assert values[values > 0].tolist() == sorted(fields[0].tolist())
     colors = nodes[CLASS_LABELS].metadata["color"]
     for cls in CONSEP_CLASSES:
         assert colors[cls["id"]] == pytest.approx([v / 255 for v in (*cls["color"], 255)])
@@ -169,44 +193,98 @@ def test_ome_zarr_py_reads_both_label_images(written, mosaic) -> None:
     assert nodes[CLASS_LABELS].metadata["properties"][3]["class"] == "epithelial"
 
 
-def test_metadata_is_valid_ngff_0_5(written) -> None:
-    """ome-zarr-models' NGFF 0.5 validation, plus the spec's rules it does not check."""
+def test_ome_zarr_models_validates_the_root(written) -> None:
+    """ome-zarr-models accepts the store as a whole (an Image with labels, or a Labels
+    group), plus the spec's rules it does not check."""
+    from ome_zarr_models.v05.image import Image as NgffImage
     from ome_zarr_models.v05.labels import Labels
 
     path, store = written
     root = zarr.open_group(path, mode="r")
-    Labels.from_zarr(root["labels"])  # raises on invalid metadata
-    assert root.attrs["ome"]["version"] == "0.5"
-    meta = json.loads((path / "labels" / "zarr.json").read_text())
-    assert meta["attributes"]["ome"] == {"version": "0.5", "labels": [LABELS, CLASS_LABELS]}
+    if store.has_image:
+        model = NgffImage.from_zarr(root)  # raises on invalid metadata, labels group included
+        label_group = root["labels"]
+        image_levels = len(model.ome_attributes.multiscales[0].datasets)
+    else:
+        Labels.from_zarr(root)
+        label_group = root
+        image_levels = None
+    assert label_group.attrs["ome"] == {"version": "0.5", "labels": [LABELS, CLASS_LABELS]}
     for name in (LABELS, CLASS_LABELS):
-        ome = json.loads((path / "labels" / name / "zarr.json").read_text())["attributes"]["ome"]
+        ome = json.loads((Path(label_group.store.root) / label_group.path / name / "zarr.json").read_text())
+        ome = ome["attributes"]["ome"]
         assert ome["version"] == "0.5"
         (multiscale,) = ome["multiscales"]
         axes = [a["name"] for a in multiscale["axes"]]
         assert all(a["type"] == "space" and a["unit"] == "micrometer" for a in multiscale["axes"])
         sizes = []
         for dataset in multiscale["datasets"]:
-            array = root[f"labels/{name}/{dataset['path']}"]
+            array = label_group[f"{name}/{dataset['path']}"]
             assert list(array.metadata.dimension_names) == axes
             assert np.issubdtype(array.dtype, np.integer)
             (scale,) = [t for t in dataset["coordinateTransformations"] if t["type"] == "scale"]
             assert len(scale["scale"]) == len(axes)
             sizes.append(array.shape[0] * array.shape[1])
         assert sizes == sorted(sizes, reverse=True)  # largest first
+        if image_levels is not None:  # NGFF: the labels of an image have as many levels as it
+            assert len(multiscale["datasets"]) == image_levels
+            assert ome["image-label"]["source"] == {"image": "../../"}
         image_label = ome["image-label"]
-        values = [c["label-value"] for c in image_label["colors"]]
+        assert image_label["version"] == "0.5"
+        values = [c["label-value"] for c in image_label.get("colors", [])]
         assert len(values) == len(set(values)) and all(isinstance(v, int) for v in values)
-        assert all(len(c["rgba"]) == 4 and all(0 <= v <= 255 for v in c["rgba"]) for c in image_label["colors"])
+        assert all(len(c["rgba"]) == 4 and all(0 <= v <= 255 for v in c["rgba"]) for c in image_label.get("colors", []))
         if "properties" in image_label:
             assert sorted(p["label-value"] for p in image_label["properties"]) == sorted(values)
-    class_values = [
-        c["label-value"]
-        for c in json.loads((path / "labels" / CLASS_LABELS / "zarr.json").read_text())["attributes"]["ome"][
-            "image-label"
-        ]["colors"]
-    ]
-    assert class_values == [0, 1, 2, 3, 4, UNTYPED_VALUE]
+
+
+def test_every_label_is_visible_in_napari(written) -> None:
+    """napari draws a label value transparent when ``colors`` exists and omits it. So the
+    instance image lists no colours (napari cycles its own), and the class image lists
+    one, opaque, for every value it holds."""
+    path, store = written
+    instance_path, class_path = _paths(store)
+    root = zarr.open_group(path, mode="r")
+    instance_meta = root[instance_path].attrs["ome"]["image-label"]
+    assert "colors" not in instance_meta
+    class_meta = root[class_path].attrs["ome"]["image-label"]
+    rgba = {c["label-value"]: c["rgba"] for c in class_meta["colors"]}
+    present = set(np.unique(root[f"{class_path}/0"][:]).tolist())
+    assert present - {0} and present <= set(rgba)
+    assert all(rgba[v][3] == 255 for v in present - {0}) and rgba[0][3] == 0
+    assert sorted(rgba) == [0, 1, 2, 3, 4, UNTYPED_VALUE]
+
+
+def test_the_image_sits_beside_the_labels_at_the_same_resolution(with_image, rgb) -> None:
+    """With the image: RGB (c, y, x) levels of 2 x 2 means whose translations put each
+    pixel's centre where its 4 parents' centres average; white where nothing was read."""
+    path, store = with_image
+    root = zarr.open_group(path, mode="r")
+    level0 = root["0"]
+    assert level0.shape == (3, *SHAPE) and level0.dtype == np.uint8
+    assert list(level0.metadata.dimension_names) == ["c", "y", "x"]
+    assert np.array_equal(np.moveaxis(level0[:, :512, :512], 0, 2), rgb)
+    assert (level0[:, 512:, :] == IMAGE_FILL).all()  # never read: the white fill, no chunks stored
+    expected = rgb.reshape(256, 2, 256, 2, 3).astype(np.float64).mean(axis=(1, 3))
+    assert np.abs(np.moveaxis(root["1"][:, :256, :256], 0, 2) - expected).max() <= 0.5 + 1e-9
+    datasets = root.attrs["ome"]["multiscales"][0]["datasets"]
+    assert len(datasets) == store.levels == len(root[f"labels/{LABELS}"].attrs["ome"]["multiscales"][0]["datasets"])
+    for level, dataset in enumerate(datasets):
+        scale, *shift = dataset["coordinateTransformations"]
+        assert scale["scale"] == [1.0, MPP * 2**level, MPP * 2**level]
+        offset = (2**level - 1) / 2 * MPP
+        assert (shift[0]["translation"] if shift else [0.0, 0.0, 0.0]) == [0.0, offset, offset]
+    channels = root.attrs["ome"]["omero"]["channels"]
+    assert [c["color"] for c in channels] == ["FF0000", "00FF00", "0000FF"]
+
+
+def test_empty_chunks_are_never_stored(written) -> None:
+    """Only chunks with labels exist on disk: background costs nothing."""
+    path, store = written
+    level0 = path / _paths(store)[0] / "0"
+    stored = {p.relative_to(level0 / "c") for p in level0.rglob("c/*/*")}
+    rows, cols = {int(p.parts[0]) for p in stored}, {int(p.parts[1]) for p in stored}
+    assert stored and max(rows) < 512 // CHUNK and max(cols) < 512 // CHUNK
 
 
 def test_merge_fills_background_only_and_write_core_overwrites(tmp_path: Path) -> None:
@@ -217,7 +295,7 @@ def test_merge_fills_background_only_and_write_core_overwrites(tmp_path: Path) -
     patch = np.full((10, 10), 2, dtype=np.int32)
     patch[0, 0] = 0
     store.merge(30, 2, patch)  # overlaps nucleus 1 and crosses into the never-written core at x < 32
-    level0 = zarr.open_group(tmp_path / "m.zarr", mode="r")[f"labels/{LABELS}/0"]
+    level0 = zarr.open_group(tmp_path / "m.zarr", mode="r")[f"{LABELS}/0"]
     region = level0[0:14, 28:44]
     assert np.all(region[4:10, 8:14] == 1)  # nucleus 1 kept where the spill overlapped it
     assert region[2, 2] == 0  # the patch's own background stays background
@@ -234,19 +312,8 @@ def test_merge_fills_background_only_and_write_core_overwrites(tmp_path: Path) -
     store.merge(125, 95, np.full((10, 10), 3, dtype=np.int32))
     assert np.all(level0[95:100, 125:130] == 3)
     store.close()
-    level1 = zarr.open_group(tmp_path / "m.zarr", mode="r")[f"labels/{LABELS}/1"][:]
+    level1 = zarr.open_group(tmp_path / "m.zarr", mode="r")[f"{LABELS}/1"][:]
     assert np.array_equal(level1, level0[:][::2, ::2])  # the merged-only chunks are in the pyramid too
-
-
-def test_table_rows_reach_the_disk_in_chunks(tmp_path: Path, mosaic) -> None:
-    _, nuclei = mosaic
-    store = NucleiZarr(tmp_path / "t.zarr", SHAPE, CHUNK, CONSEP_CLASSES, MPP, table_chunk=16)
-    for n in nuclei[:40]:
-        store.add(n)
-    ids = zarr.open_group(tmp_path / "t.zarr", mode="r")[f"{TABLE}/label_id"]
-    assert ids.shape == (32,) and ids.chunks == (16,)  # two full buffers flushed, 8 rows pending
-    store.close()
-    assert zarr.open_group(tmp_path / "t.zarr", mode="r")[f"{TABLE}/label_id"].shape == (40,)
 
 
 def test_untyped_nuclei_get_their_own_class_value(tmp_path: Path, mosaic) -> None:
@@ -260,7 +327,7 @@ def test_untyped_nuclei_get_their_own_class_value(tmp_path: Path, mosaic) -> Non
     store.add(Nucleus(**{**first.__dict__, "label": 1, "type": 0}))
     store.add(Nucleus(**{**second.__dict__, "label": 2, "type": 3}))
     store.close()
-    classes = zarr.open_group(tmp_path / "u.zarr", mode="r")[f"labels/{CLASS_LABELS}/0"][:]
+    classes = zarr.open_group(tmp_path / "u.zarr", mode="r")[f"{CLASS_LABELS}/0"][:]
     assert classes[6, 6] == UNTYPED_VALUE and classes[22, 22] == 3 and classes[0, 0] == classes[31, 31] == 0
 
 
@@ -270,19 +337,24 @@ def test_existing_output_is_not_overwritten(tmp_path: Path) -> None:
         NucleiZarr(tmp_path / "x.zarr", (10, 10), 8, CONSEP_CLASSES, MPP)
 
 
-def test_a_slide_without_nuclei_closes_cleanly(tmp_path: Path) -> None:
-    store = NucleiZarr(tmp_path / "e.zarr", (300, 200), 64, CONSEP_CLASSES, MPP)
-    store.close()
+@pytest.mark.parametrize("image", [False, True])
+def test_a_slide_without_nuclei_closes_cleanly(tmp_path: Path, image: bool) -> None:
+    store = NucleiZarr(tmp_path / "e.zarr", (300, 200), 64, CONSEP_CLASSES, MPP, image=image)
+    store.close()  # validated by ome-zarr-models on close
     root = zarr.open_group(tmp_path / "e.zarr", mode="r")
-    assert root[f"{TABLE}/label_id"].shape == (0,)
-    assert not root[f"labels/{LABELS}/2"][:].any()
+    assert store.count == 0
+    assert not root[f"{label_paths(image)[0]}/2"][:].any()
+    if image:
+        assert (root["2"][:] == IMAGE_FILL).all()
 
 
 def test_the_real_stitcher_feeds_both_outputs(tmp_path: Path) -> None:
     """End to end below the scheduler: a pyramidal TIFF of a synthetic crowded field of
     typed nuclei (no data download needed), tiles run by the worker with ground-truth maps
-    (a real alternative engine), results stitched in a shuffled order into the Zarr store
-    and the GeoJSON: label ids = table ids = Features."""
+    (a real alternative engine), results stitched in a shuffled order into the Zarr store,
+    the GeoParquet table and the GeoJSON: label ids = table ids = Features."""
+    import geopandas
+
     from wsi_pipeline.data.gt_maps import GroundTruthMaps
     from wsi_pipeline.metrics import pq
     from wsi_pipeline.slide._image import ArraySlide
@@ -304,20 +376,25 @@ def test_the_real_stitcher_feeds_both_outputs(tmp_path: Path) -> None:
     random.Random(3).shuffle(results)
 
     store = NucleiZarr(tmp_path / "mosaic.zarr", (512, 512), CHUNK, CONSEP_CLASSES, MPP)
-    geojson = GeoJSONWriter(tmp_path / "mosaic.geojson.gz", CONSEP_CLASSES, MPP)
-    stitcher = Stitcher(tiles, store, [geojson, store], "mosaic", "checksum")
+    geojson = GeoJSONWriter(tmp_path / "mosaic.geojson.gz", CONSEP_CLASSES, MPP, slide_mpp=(MPP, MPP))
+    table = NucleiParquet(tmp_path / "mosaic.nuclei.parquet", CONSEP_CLASSES, MPP, (MPP, MPP), batch=100)
+    stitcher = Stitcher(tiles, store, [geojson, table, store], "mosaic", "checksum")
     for result in results:
         stitcher.add(result)
     stats = stitcher.finish()
     features = geojson.close()
+    table.close()
     store.close()
 
     root = zarr.open_group(tmp_path / "mosaic.zarr", mode="r")
-    written = root[f"labels/{LABELS}/0"][:]
+    written = root[f"{LABELS}/0"][:]
     label_ids = set(np.unique(written).tolist()) - {0}
-    table_ids = root[f"{TABLE}/label_id"][:]
+    rows = geopandas.read_parquet(tmp_path / "mosaic.nuclei.parquet")
+    table_ids = rows["label_id"].to_numpy()
     assert label_ids == set(table_ids.tolist()) == set(range(1, stats.nuclei + 1))
     assert len(table_ids) == features == stats.nuclei > 400
+    with gzip.open(tmp_path / "mosaic.geojson.gz", "rt", encoding="utf-8") as f:
+        assert [feature["id"] for feature in json.load(f)["features"]] == rows["id"].tolist()
     # Pixel for pixel what the LabelSink contract defines (write_core overwrites, merge
     # fills background), replayed on a numpy array from a second stitcher.
     reference = ArrayLabels((512, 512))
@@ -330,6 +407,6 @@ def test_the_real_stitcher_feeds_both_outputs(tmp_path: Path) -> None:
     assert pq(labels, written)[2] > 0.85
     # Each nucleus' class in the class image is its table type.
     lookup = np.zeros(stats.nuclei + 1, dtype=np.int64)
-    lookup[table_ids] = root[f"{TABLE}/type"][:]
-    classes = root[f"labels/{CLASS_LABELS}/0"][:]
+    lookup[table_ids] = rows["class_id"].to_numpy()
+    classes = root[f"{CLASS_LABELS}/0"][:]
     assert np.array_equal(classes[written > 0], np.where(lookup == 0, UNTYPED_VALUE, lookup)[written[written > 0]])

@@ -16,6 +16,7 @@ import signal
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import zarr
 from _helpers import plumbing_model
@@ -62,12 +63,18 @@ def test_cli_run_on_a_local_cluster(tmp_path: Path, assets: dict[str, Path], cap
 
     features = geojson_features(folder / "crop.geojson")
     store = zarr.open_group(folder / "crop.zarr", mode="r")
-    table_ids = np.asarray(store["tables/nuclei/label_id"][:])
-    label_ids = np.unique(np.asarray(store["labels/nuclei/0"][:]))
+    table_ids = pd.read_parquet(folder / "crop.nuclei.parquet", columns=["label_id"])["label_id"].to_numpy()
+    label_ids = np.unique(np.asarray(store["nuclei/0"][:]))
     label_ids = label_ids[label_ids > 0]
     assert len(features) == len(table_ids) == len(label_ids) == total
     assert sorted(f["properties"]["label_id"] for f in features) == sorted(table_ids.tolist()) == label_ids.tolist()
     assert label_ids.tolist() == list(range(1, total + 1))  # global ids 1..N
+    # The default store is labels only: its root is the NGFF labels group viewers open.
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    assert {n.metadata.get("name") for n in Reader(parse_url(str(folder / "crop.zarr")))() if n.data} == {
+        "nuclei", "nuclei_class"}
     assert len({f["id"] for f in features}) == total  # one UUID per nucleus
 
     with (out / "process_list.csv").open(newline="") as f:
@@ -90,8 +97,8 @@ def test_without_a_default_model_the_run_says_what_to_do(
 
 
 def nuclei_table(folder: Path) -> dict[str, np.ndarray]:
-    store = zarr.open_group(folder / f"{folder.name}.zarr", mode="r")
-    return {name: np.asarray(store[f"tables/nuclei/{name}"][:]) for name in ("label_id", "centroid", "type", "area")}
+    rows = pd.read_parquet(folder / f"{folder.name}.nuclei.parquet")
+    return {name: rows[name].to_numpy() for name in ("label_id", "centroid_x", "centroid_y", "class_id", "area_um2")}
 
 
 @pytest.mark.slow
@@ -120,6 +127,6 @@ def test_a_worker_killed_mid_slide_costs_only_its_tiles(tmp_path: Path, assets: 
     assert len(a["label_id"]) == calm.outcomes[0].nuclei > 0
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-    calm_labels = zarr.open_group(tmp_path / "calm" / "crop" / "crop.zarr", mode="r")["labels/nuclei/0"][:]
-    hurt_labels = zarr.open_group(tmp_path / "hurt" / "crop" / "crop.zarr", mode="r")["labels/nuclei/0"][:]
+    calm_labels = zarr.open_group(tmp_path / "calm" / "crop" / "crop.zarr", mode="r")["nuclei/0"][:]
+    hurt_labels = zarr.open_group(tmp_path / "hurt" / "crop" / "crop.zarr", mode="r")["nuclei/0"][:]
     np.testing.assert_array_equal(calm_labels, hurt_labels)

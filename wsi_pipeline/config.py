@@ -36,7 +36,7 @@ CLI_SOURCE = "command line"
 
 # The options that change the outputs; scheduling options (workers, scheduler...) and the
 # batch size do not. The model is compared by its file checksum, not by how it was named.
-RESULT_OPTIONS = ("tile_size", "margin", "device", "bf16", "mpp", "target_mpp", "backend", "geojson")
+RESULT_OPTIONS = ("tile_size", "margin", "device", "bf16", "mpp", "target_mpp", "backend", "geojson", "zarr_image")
 
 
 class RunConfig(BaseModel):
@@ -67,6 +67,9 @@ class RunConfig(BaseModel):
     backend: Literal["auto", "openslide", "tiffslide", "image"] = Field("auto", description="slide reader")
     overwrite: bool = Field(False, description="redo slides whose outputs exist")
     geojson: Literal["plain", "gz"] = Field("gz", description="GeoJSON compression")
+    zarr_image: bool = Field(
+        False, description="also store the RGB slide at the inference µm/px in the OME-Zarr (napari shows both)"
+    )
     dask_report: Path | None = Field(None, description="write Dask's performance report (HTML) here")
     max_in_flight: int | None = Field(None, ge=1, le=100_000, description="tiles in flight per slide")
     retries: int = Field(2, ge=0, le=100, description="retries of a failed tile task")

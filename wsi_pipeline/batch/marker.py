@@ -29,7 +29,7 @@ from wsi_pipeline.config import file_checksum
 
 DONE_MARKER = ".done.json"
 # Bumped when the outputs' layout or the marker changes, so older outputs are not taken as done.
-OUTPUT_FORMAT = 2
+OUTPUT_FORMAT = 3
 FINGERPRINT_BLOCK = 1 << 20
 
 

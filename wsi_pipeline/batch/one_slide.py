@@ -3,7 +3,9 @@
 :func:`process_slide` opens the slide, finds the tissue on a thumbnail, lays the tile grid
 at the model's µm/px, streams the tiles through Dask
 (:func:`~wsi_pipeline.schedule.stream_tiles`) into the stitcher, whose sinks write the
-GeoJSON and the OME-Zarr, then writes the report.
+GeoJSON, the GeoParquet table and the OME-Zarr and gather the report's figures, then
+reads a few crops (and, with ``--zarr-image``, the image for the Zarr) and writes the
+report.
 
 :func:`run_slide_job` adds the rules that make a batch safe to rerun: a slide is skipped
 only if its done marker still matches the slide, the model, the settings and every output
@@ -128,6 +130,8 @@ def process_slide(job: SlideJob, run: SlideRun, folder: Path) -> tuple[int, dict
     from tqdm import tqdm
 
     from wsi_pipeline.outputs.geojson import GeoJSONWriter
+    from wsi_pipeline.outputs.parquet import NucleiParquet
+    from wsi_pipeline.outputs.qc import NucleiQC, choose_crops, qc_warnings, read_crops
     from wsi_pipeline.outputs.report import NucleiDensity, SlideReport, per_class_counts, write_report
     from wsi_pipeline.outputs.zarr_store import NucleiZarr
     from wsi_pipeline.stitch import Stitcher
@@ -147,18 +151,25 @@ def process_slide(job: SlideJob, run: SlideRun, folder: Path) -> tuple[int, dict
     width_t, height_t = target_size(width0, height0, mpp0, model.mpp)
 
     suffix = ".geojson.gz" if config.geojson == "gz" else ".geojson"
-    outputs = {"geojson": f"{job.name}{suffix}", "zarr": f"{job.name}.zarr"}
-    geojson = GeoJSONWriter(folder / outputs["geojson"], model.classes, model.mpp, compress=config.geojson == "gz")
+    outputs = {"geojson": f"{job.name}{suffix}", "parquet": f"{job.name}.nuclei.parquet", "zarr": f"{job.name}.zarr"}
+    about = {"slide": str(job.path), "name": job.name, "model": model.name}
+    geojson = GeoJSONWriter(
+        folder / outputs["geojson"], model.classes, model.mpp, slide_mpp=mpp0, attributes=about,
+        compress=config.geojson == "gz",
+    )
+    table = NucleiParquet(folder / outputs["parquet"], model.classes, model.mpp, mpp0, attributes=about)
     store = NucleiZarr(
         folder / outputs["zarr"],
         (height_t, width_t),
         zarr_chunk(model.tile_size),
         model.classes,
         model.mpp,
-        attributes={"slide": str(job.path), "name": job.name, "level0_mpp": list(mpp0)},
+        image=config.zarr_image,
+        attributes={**about, "level0_mpp": list(mpp0)},
     )
     density = NucleiDensity(width0, height0, mpp0, len(model.classes) + 1)
-    stitcher = Stitcher(tiles, store, [geojson, store, density], job.name, model.checksum)
+    qc = NucleiQC(model.classes)
+    stitcher = Stitcher(tiles, store, [geojson, table, store, density, qc], job.name, model.checksum)
     infer = InferenceConfig(
         device=config.device, threads=run.cluster.torch_threads, batch_size=config.batch_size, bf16=config.bf16
     )
@@ -190,19 +201,35 @@ def process_slide(job: SlideJob, run: SlideRun, folder: Path) -> tuple[int, dict
         bar.close()
     tiles_wall = time.perf_counter() - tiles_started
     closing = time.perf_counter()
-    count = geojson.close()
+    count, rows = geojson.close(), table.close()
+    windows = choose_crops(
+        density.counts.sum(axis=0), density.cell, tissue.mask, (tissue.downsample_x, tissue.downsample_y),
+        (width0, height0), mpp0, model.mpp,
+    )
+    rereading = time.perf_counter()  # the slide again: the report's crops (and the Zarr's image)
+    with spec.open() as slide:
+        if config.zarr_image:  # the RGB the tiles were read from, core by core, chunk-aligned
+            for tile in tiles:
+                core = tile.core
+                rgb = slide.read_region_at(core.x0 * tile.scale_x, core.y0 * tile.scale_y, core.width, core.height,
+                                           model.mpp)
+                store.write_image(core.x0, core.y0, rgb)
+        crops = read_crops(slide, windows, model.mpp, folder / outputs["parquet"], model.classes)
+    reread_seconds = time.perf_counter() - rereading
     store.close()
-    close_seconds = time.perf_counter() - closing
-    if count != stats.nuclei or store.count != stats.nuclei:
+    close_seconds = time.perf_counter() - closing - reread_seconds
+    if not count == rows == store.count == stats.nuclei:
         raise RuntimeError(
-            f"{job.name}: the GeoJSON holds {count} and the Zarr table {store.count} nuclei, "
+            f"{job.name}: the GeoJSON holds {count}, the table {rows} and the Zarr store {store.count} nuclei, "
             f"but the stitcher produced {stats.nuclei}"
         )
     seconds = {key: float(stats.seconds.get(key, 0.0)) for key in ("read", "infer", "postprocess", "stitch")}
     seconds.update(
-        write=float(stats.seconds.get("write", 0.0)) + close_seconds, tissue=tissue_seconds, tiles_wall=tiles_wall
+        write=float(stats.seconds.get("write", 0.0)) + close_seconds, tissue=tissue_seconds, tiles_wall=tiles_wall,
+        reread=reread_seconds,
     )
-    rows, cols = grid_shape(width0, height0, mpp0, model.mpp, model.tile_size)
+    grid_rows, grid_cols = grid_shape(width0, height0, mpp0, model.mpp, model.tile_size)
+    quality = qc.summary()
     report = SlideReport(
         slide=str(job.path),
         name=job.name,
@@ -212,7 +239,7 @@ def process_slide(job: SlideJob, run: SlideRun, folder: Path) -> tuple[int, dict
         mpp=model.mpp,
         tissue_mm2=tissue.area_mm2,
         tiles=len(tiles),
-        tiles_grid=rows * cols,
+        tiles_grid=grid_rows * grid_cols,
         tile_size=model.tile_size,
         margin=model.margin,
         nuclei_per_class=per_class_counts(stats.per_type, model.classes),
@@ -225,9 +252,12 @@ def process_slide(job: SlideJob, run: SlideRun, folder: Path) -> tuple[int, dict
         classes=model.classes,
         tile_seconds=list(stats.tile_seconds),
         outputs=outputs,
-        warnings=slide_warnings(tissue.area_mm2, len(tiles), stats.nuclei, upsampled, max(mpp0), model.mpp),
+        warnings=slide_warnings(tissue.area_mm2, len(tiles), stats.nuclei, upsampled, max(mpp0), model.mpp)
+        + qc_warnings(quality, stats.edge_touching, model.margin),
+        qc=quality,
+        crops=[crop.to_dict() for crop in crops],
     )
-    write_report(folder, report, thumbnail=thumbnail, tissue=tissue, density=density)
+    write_report(folder, report, thumbnail=thumbnail, tissue=tissue, density=density, crops=crops)
     return stats.nuclei, report.to_dict()
 
 

@@ -3,7 +3,7 @@
 INPUT is slide files, folders (searched recursively) or CSV files with a ``path``
 column. Every option can also be set in a YAML file (``--config``); the command line
 wins over the file. Per slide the outputs land in ``DIR/<stem>/`` (GeoJSON for QuPath,
-OME-Zarr labels and table, report.json/html); ``DIR/process_list.csv`` and
+GeoParquet table, OME-Zarr labels for napari, report.json/html); ``DIR/process_list.csv`` and
 ``DIR/batch_report.json`` summarise the batch. Rerunning skips the slides already done
 with the same model and settings. Exit code: 0 when every slide is done or skipped,
 1 when any failed, 2 for a problem of the whole run (bad option, model, input).
@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="segment and classify nuclei in slides (Dask-scheduled tiles -> GeoJSON, OME-Zarr, reports)",
         description="Segment and classify the nuclei of every slide. INPUT: slide files, folders (searched "
         "recursively) or CSV files with a 'path' column. Options can also come from a YAML file (--config); "
-        "the command line wins. Outputs per slide in DIR/<stem>/ (GeoJSON, OME-Zarr, report.json/html), "
+        "the command line wins. Outputs per slide in DIR/<stem>/ (GeoJSON, GeoParquet, OME-Zarr, report.json/html), "
         "plus DIR/process_list.csv and DIR/batch_report.json. A rerun skips slides done with the same model "
         "and settings. Exit code 0 if every slide is done or skipped, 1 if any failed, 2 for a bad option, "
         "model or input.",
@@ -82,6 +82,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     out = parser.add_argument_group("outputs")
     out.add_argument("--overwrite", action="store_true", default=None, help="redo slides that are already done")
     out.add_argument("--geojson", choices=("plain", "gz"), help="GeoJSON file: gz (default) or plain")
+    out.add_argument(
+        "--zarr-image", action="store_true", default=None,
+        help="also store the RGB slide at the inference µm/px in the OME-Zarr, beside the labels (for napari)",
+    )
     out.add_argument(
         "--lock-wait", type=float, metavar="S",
         help="wait up to S seconds for another run on the same --out to finish (0: stop at once; -1: forever)",
@@ -140,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
         f"{len(summary.outcomes)} slide(s): {counts['done']} done, {counts['skipped']} skipped, "
         f"{counts['failed']} failed in {summary.seconds:.1f} s ({summary.cluster})"
     )
-    print(f"outputs: {summary.out}/<slide>/ (GeoJSON, OME-Zarr, report.json, report.html)")
+    print(f"outputs: {summary.out}/<slide>/ (GeoJSON, GeoParquet, OME-Zarr, report.json, report.html)")
     for outcome in summary.outcomes:
         if outcome.out_dir:
             print(f"  {outcome.name}: {outcome.out_dir}/report.html")

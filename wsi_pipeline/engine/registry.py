@@ -1,10 +1,13 @@
 """Shipped models: names, the default, and where their files live.
 
-Models ship in the repository's ``models/`` folder as self-contained
-``NAME.safetensors`` files (metadata in the header) with a ``NAME.md`` model
-card beside each; ``models/index.yaml`` names the default. The folder can be
-moved with ``WSI_PIPELINE_MODELS`` (a lab that keeps its models on shared
-storage), so ``--model NAME`` works from any working directory.
+Models ship as self-contained ``NAME.safetensors`` files (metadata in the header) with a
+``NAME.md`` model card beside each; ``index.yaml`` names the default. In the repository
+they live in ``models/``; that folder is the package data of ``wsi_pipeline.models``
+(``[tool.setuptools.package-dir]`` in pyproject.toml), so a wheel or a plain
+``pip install .`` installs them inside the package, and they are found with
+``importlib.resources`` wherever the package is: site-packages, an editable checkout,
+any working directory. ``WSI_PIPELINE_MODELS`` points elsewhere (a lab that keeps its
+models on shared storage).
 """
 
 from __future__ import annotations
@@ -23,12 +26,26 @@ ENV_VAR = "WSI_PIPELINE_MODELS"
 INDEX_NAME = "index.yaml"
 
 
+PACKAGE = "wsi_pipeline.models"
+
+
 def models_dir() -> Path:
-    """The folder of shipped models (``$WSI_PIPELINE_MODELS`` or the repository's ``models/``)."""
+    """The folder of shipped models: ``$WSI_PIPELINE_MODELS``, else the installed
+    ``wsi_pipeline.models`` package data (the repository's ``models/`` in a checkout)."""
     env = os.environ.get(ENV_VAR)
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "models"
+    from importlib.resources import files
+
+    try:
+        folder = files(PACKAGE)
+    except ModuleNotFoundError:  # an install without its package data: say where we looked
+        return Path(__file__).resolve().parents[1] / "models"
+    if not isinstance(folder, Path):  # e.g. a zipped install: checkpoints must be real files
+        raise ModelError(
+            str(folder), "the shipped models are not files on disk", f"install unzipped, or set {ENV_VAR}"
+        )
+    return folder
 
 
 @dataclass(frozen=True)

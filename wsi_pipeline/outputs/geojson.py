@@ -16,12 +16,20 @@ What QuPath (0.4+) needs, and what every Feature therefore carries:
   so QuPath draws hundreds of thousands of them fast;
 - ``properties.classification = {"name", "color": [r, g, b]}``: QuPath refuses a
   classification without a colour;
-- ``properties.measurements``: a name -> number map (QuPath's own format since 0.4),
-  with ``Area µm^2`` (QuPath's name for it), ``Class probability`` and one
-  ``Prob <class>`` per channel of the model's type head.
+- ``properties.measurements``: a name -> number map (QuPath's own format since 0.4):
+  ``Area µm^2`` (QuPath's name for it), ``Label id``, and for classified nuclei
+  ``Class vote fraction`` and ``Class mean probability``
+  (:mod:`wsi_pipeline.outputs.fields` says how they differ), then one ``Prob <class>``
+  per channel of the model's type head.
 
-``properties.label_id`` repeats the nucleus' value in the OME-Zarr label image (and
-``Label id`` among the measurements, where QuPath shows it), to link the two outputs.
+``properties.label_id`` repeats the nucleus' value in the OME-Zarr label image (and in
+the GeoParquet table's ``label_id``), to link the outputs.
+
+The collection's own ``properties`` (QuPath ignores them; scripts need them) say what
+the numbers mean: the coordinate frame, the slide's level-0 µm/px in x and y (what turns
+coordinates into µm: an area in px² times ``level0_mpp_x * level0_mpp_y`` is µm²), the
+inference µm/px (the resolution the nuclei were found at, which is *not* the scale of the
+coordinates), and the classes, including the untyped one.
 """
 
 from __future__ import annotations
@@ -37,14 +45,22 @@ from shapely.geometry import MultiPolygon, Polygon
 from shapely.validation import make_valid
 
 from wsi_pipeline.nuclei import Nucleus
+from wsi_pipeline.outputs.fields import (
+    UNTYPED_DESCRIPTION,
+    class_mean_probability,
+    class_table,
+    class_vote_fraction,
+    probability_names,
+)
 
 AREA_KEY = "Area µm^2"
-PROB_KEY = "Class probability"
+VOTE_KEY = "Class vote fraction"
+MEAN_PROB_KEY = "Class mean probability"
 LABEL_KEY = "Label id"
-# A nucleus the type head left at background (or a model without a type head) still
-# needs a classification with a colour for QuPath.
-UNTYPED_CLASS: dict[str, Any] = {"id": 0, "name": "nucleus", "color": (160, 160, 160)}
-BACKGROUND_NAME = "background"
+FRAME = (
+    "level-0 pixels of the slide: x to the right, y down, (0, 0) the top-left corner of the top-left pixel; "
+    "multiply x by level0_mpp_x and y by level0_mpp_y for micrometres"
+)
 
 
 def prob_key(name: str) -> str:
@@ -61,8 +77,11 @@ class GeoJSONWriter:
     Args:
         path: output file, conventionally ``<stem>.geojson.gz`` or ``<stem>.geojson``.
         classes: the model's foreground classes ``[{"id", "name", "color"}]``, ids 1..K.
-        mpp: the inference µm/px (kept for the file's ``properties``; areas come with
-            each nucleus already in µm²).
+        mpp: the inference µm/px (stated in the header; areas come with each nucleus
+            already in µm²).
+        slide_mpp: the slide's level-0 µm/px (x, y): the scale of the coordinates,
+            stated in the header. None only for collections not tied to a slide.
+        attributes: more JSON-ready facts for the header's ``properties`` (slide name...).
         compress: gzip the stream (the run's default, ``--geojson gz``) or write plain
             JSON (``--geojson plain``) for tools that cannot read gzip.
         decimals: rounding of coordinates and measurements.
@@ -77,6 +96,8 @@ class GeoJSONWriter:
         classes: list[dict[str, Any]],
         mpp: float,
         *,
+        slide_mpp: tuple[float, float] | None = None,
+        attributes: dict[str, Any] | None = None,
         compress: bool = True,
         decimals: int = 2,
         compresslevel: int = 6,
@@ -87,8 +108,8 @@ class GeoJSONWriter:
         self.path = Path(path)
         self.mpp = float(mpp)
         self.decimals = decimals
-        self._classifications = _classifications(classes)
-        self._prob_names = [BACKGROUND_NAME] + [str(c["name"]) for c in sorted(classes, key=lambda c: int(c["id"]))]
+        self._classifications = class_table(classes)
+        self._prob_names = probability_names(classes)
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
         self._batch = batch
@@ -103,9 +124,9 @@ class GeoJSONWriter:
             self._file = gzip.open(self.path, "wt", encoding="utf-8", compresslevel=compresslevel)  # noqa: SIM115
         else:
             self._file = self.path.open("w", encoding="utf-8")
-        header = {"type": "FeatureCollection", "properties": {"mpp": self.mpp, "coordinates": "level-0 pixels"}}
+        header = {"type": "FeatureCollection", "properties": self._header(slide_mpp, attributes or {})}
         # The header is the collection without its features: everything up to the array.
-        self._file.write(json.dumps(header, separators=(",", ":"))[:-1] + ',"features":[\n')
+        self._file.write(json.dumps(header, separators=(",", ":"), ensure_ascii=False)[:-1] + ',"features":[\n')
 
     @property
     def count(self) -> int:
@@ -139,11 +160,16 @@ class GeoJSONWriter:
             AREA_KEY: round(float(nucleus.area_um2), self.decimals),
             LABEL_KEY: int(nucleus.label),
         }
+        votes, mean = class_vote_fraction(nucleus), class_mean_probability(nucleus)
+        if votes is not None:
+            measurements[VOTE_KEY] = round(votes, 4)
+        if mean is not None:
+            measurements[MEAN_PROB_KEY] = round(mean, 4)
         probs = np.asarray(nucleus.class_probs, dtype=np.float64).ravel()
         if probs.size:
-            measurements[PROB_KEY] = round(float(nucleus.type_prob), 4)
-            for index, value in enumerate(probs.tolist()):
-                name = self._prob_names[index] if index < len(self._prob_names) else f"type_{index}"
+            names = self._prob_names  # a checkpoint whose class list is short: type_<index> for the rest
+            names = names + [f"type_{i}" for i in range(len(names), probs.size)]
+            for name, value in zip(names, probs.tolist(), strict=False):
                 measurements[prob_key(name)] = round(value, 4)
         return {
             "type": "Feature",
@@ -156,6 +182,27 @@ class GeoJSONWriter:
                 "label_id": int(nucleus.label),
             },
         }
+
+    def _header(self, slide_mpp: tuple[float, float] | None, attributes: dict[str, Any]) -> dict[str, Any]:
+        """The collection's ``properties``: what a script needs to read the Features right."""
+        header: dict[str, Any] = dict(attributes)
+        header["coordinates"] = FRAME
+        if slide_mpp is not None:
+            header["level0_mpp_x"], header["level0_mpp_y"] = float(slide_mpp[0]), float(slide_mpp[1])
+        header["inference_mpp"] = self.mpp
+        header["inference_mpp_note"] = (
+            "the µm/px the model ran at (areas were measured there); coordinates are level-0 pixels, not this"
+        )
+        header["classes"] = [{"id": type_id, **cls} for type_id, cls in sorted(self._classifications.items())]
+        header["classes"][0]["description"] = UNTYPED_DESCRIPTION  # id 0, the untyped class
+        header["measurements"] = {
+            AREA_KEY: "area in µm² (pixels at the inference µm/px times its pixel area)",
+            LABEL_KEY: "the nucleus' value in the OME-Zarr label image and label_id in the GeoParquet table",
+            VOTE_KEY: "share of the nucleus' pixels whose most probable class is its class (absent when untyped)",
+            MEAN_PROB_KEY: "type head's probability of its class averaged over its pixels (absent when untyped)",
+            prob_key("<class>"): "type head's probability of that class averaged over the nucleus' pixels",
+        }
+        return header
 
     def close(self) -> int:
         """Finish the collection; returns the number of Features. Idempotent."""
@@ -196,17 +243,6 @@ class GeoJSONWriter:
                 f"{self.path}: nucleus of type {type_id} but the model's classes are {known}; "
                 "the checkpoint's class list does not match its type head"
             ) from None
-
-
-def _classifications(classes: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    """type id -> QuPath classification, with the untyped class at 0."""
-    table = {0: {"name": UNTYPED_CLASS["name"], "color": [int(v) for v in UNTYPED_CLASS["color"]]}}
-    for cls in classes:
-        color = [int(v) for v in cls["color"]]
-        if len(color) != 3 or not all(0 <= v <= 255 for v in color):
-            raise ValueError(f"class {cls['name']!r}: colour must be 3 integers in 0..255, got {cls['color']}")
-        table[int(cls["id"])] = {"name": str(cls["name"]), "color": color}
-    return table
 
 
 def batch_polygon_rings(

@@ -1,10 +1,15 @@
 """What a run did to one slide, as ``report.json`` and a self-contained ``report.html``.
 
 The JSON is for machines (batch summaries, benchmarks, "is this slide already done"
-checks); the HTML is for the person who ran it: the slide thumbnail with the tissue
-mask and where the nuclei of each class are, the class counts, where the time went and
-how even the tiles were. Plots are PNGs embedded as base64 so the file can be mailed
-or archived alone.
+checks); the HTML is for the person who ran it and must decide whether to trust the
+slide: first the warnings (upsampled input, no tissue, nuclei cut at tile edges,
+low-confidence classes, fragments), then crops of the slide at full resolution with
+every nucleus outlined in its class colour (:mod:`wsi_pipeline.outputs.qc` picks them
+from the densest to the sparsest tissue), the nucleus-size histogram, a per-class
+table, the slide thumbnail with the tissue mask and where the nuclei of each class are,
+where the time went and how even the tiles were. Images are PNGs embedded as base64 so
+the file can be mailed or archived alone; one checkbox (a few lines of inline script)
+hides the outlines to see the tissue under them.
 
 The nuclei overlay cannot keep every nucleus (a slide holds hundreds of thousands), so
 :class:`NucleiDensity` is one more sink on the stitcher that only counts nuclei per
@@ -35,14 +40,14 @@ import numpy as np
 
 from wsi_pipeline.atomic import write_text_atomic
 from wsi_pipeline.nuclei import Nucleus
+from wsi_pipeline.outputs.fields import UNTYPED_COLOR, UNTYPED_DESCRIPTION, UNTYPED_NAME
+from wsi_pipeline.outputs.qc import FRAGMENT_UM2, Crop
 from wsi_pipeline.slide.tissue import TissueMask
 
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
 BATCH_REPORT_JSON = "batch_report.json"
 STAGES = ("read", "infer", "postprocess", "stitch", "write")
-UNTYPED_NAME = "nucleus"  # the class name of nuclei without a type (as in the GeoJSON)
-UNTYPED_COLOR = (160, 160, 160)
 _PACKAGES = (
     "wsi_pipeline",
     "torch",
@@ -57,6 +62,8 @@ _PACKAGES = (
     "dask",
     "distributed",
     "zarr",
+    "ome-zarr-models",
+    "pyarrow",
     "shapely",
 )
 
@@ -69,7 +76,8 @@ class SlideReport:
     ``slide_mpp`` the slide's level-0 (x, y). ``nuclei_per_class`` maps class name ->
     count (see :func:`per_class_counts`); ``seconds`` maps the stages of :data:`STAGES`
     to seconds; ``tile_seconds`` holds each tile's worker time, summarised in the JSON
-    and drawn as a histogram.
+    and drawn as a histogram. ``qc`` is :meth:`~wsi_pipeline.outputs.qc.NucleiQC.summary`
+    (per-class confidences, area histogram); ``crops`` the windows the report shows.
     """
 
     slide: str
@@ -95,6 +103,8 @@ class SlideReport:
     versions: dict[str, str] = field(default_factory=lambda: collect_versions())
     outputs: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    qc: dict[str, Any] = field(default_factory=dict)
+    crops: list[dict[str, Any]] = field(default_factory=list)
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     @property
@@ -153,6 +163,8 @@ class SlideReport:
             "config_checksum": self.config_checksum,
             "outputs": dict(self.outputs),
             "warnings": list(self.warnings),
+            "qc": dict(self.qc),
+            "crops": [dict(c) for c in self.crops],
             "created": self.created,
         }
 
@@ -250,17 +262,20 @@ def write_report(
     thumbnail: np.ndarray | None = None,
     tissue: TissueMask | None = None,
     density: NucleiDensity | None = None,
+    crops: Sequence[Crop] = (),
 ) -> tuple[Path, Path]:
     """Write ``report.json`` and ``report.html`` into ``out_dir``; returns both paths.
 
     ``thumbnail`` is an RGB image of the whole slide (any size; the tissue mask's
     thumbnail fits best); without it the overview shows the mask and density alone.
+    ``crops`` (:func:`~wsi_pipeline.outputs.qc.read_crops`) are shown with their outlines;
+    ``report.crops`` describes them in the JSON.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = report.to_dict()
     json_path = write_text_atomic(out_dir / REPORT_JSON, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    html_path = write_text_atomic(out_dir / REPORT_HTML, render_html(report, thumbnail, tissue, density))
+    html_path = write_text_atomic(out_dir / REPORT_HTML, render_html(report, thumbnail, tissue, density, crops))
     return json_path, html_path
 
 
@@ -298,19 +313,19 @@ def render_html(
     thumbnail: np.ndarray | None = None,
     tissue: TissueMask | None = None,
     density: NucleiDensity | None = None,
+    crops: Sequence[Crop] = (),
 ) -> str:
-    """The report page: summary tables and four embedded plots."""
+    """The report page: warnings, the nuclei drawn on crops of the slide, size and
+    class figures, then the run's facts and timings."""
     data = report.to_dict()
-    figures = [
-        ("Slide overview", _plot_overview(report, thumbnail, tissue, density)),
-        ("Nuclei per class", _plot_class_counts(report.nuclei_per_class, _class_colors(report.classes))),
-        ("Time per stage", _plot_stage_times(data["seconds"])),
-        ("Tile times", _plot_tile_histogram(report.tile_seconds)),
-    ]
+    colors = _class_colors(report.classes)
     throughput = data["throughput"]
     summary = [
         ("Slide", report.slide),
-        ("Size (level 0)", f"{report.width} x {report.height} px at {_fmt(report.slide_mpp[0])} µm/px"),
+        (
+            "Size (level 0)",
+            f"{report.width} x {report.height} px at {_fmt(report.slide_mpp[0])} x {_fmt(report.slide_mpp[1])} µm/px",
+        ),
         ("Inference resolution", f"{_fmt(report.mpp)} µm/px"),
         ("Tissue", f"{_fmt(report.tissue_mm2)} mm² ({_fmt(report.tissue_mpx)} Mpx)"),
         ("Tiles", f"{report.tiles} of {report.tiles_grid} ({report.tile_size} px core, {report.margin} px margin)"),
@@ -322,40 +337,135 @@ def render_html(
             f"{_fmt(throughput['tissue_mm2_per_s'])} mm²/s, {_fmt(throughput['tissue_mpx_per_s'])} Mpx/s",
         ),
         ("Nuclei per second", _fmt(throughput["nuclei_per_s"])),
+        ("Outputs", ", ".join(report.outputs.values())),
     ]
     model = [(str(k), _fmt(v)) for k, v in report.model.items()]
+    windows = [c.window for c in crops]
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{html.escape(report.name)}: nuclei report</title>",
         f"<style>{_CSS}</style></head><body>",
         f"<h1>{html.escape(report.name)}</h1>",
-        f'<p class="meta">wsi_pipeline report, {html.escape(report.created)}</p>',
-        *(
-            ['<div class="warnings"><h2>Warnings</h2><ul>']
-            + [f"<li>{html.escape(w)}</li>" for w in report.warnings]
-            + ["</ul></div>"]
-            if report.warnings
-            else []
-        ),
+        f'<p class="meta">wsi_pipeline report, {html.escape(report.created)}. Research use only.</p>',
+        _warnings_panel(report.warnings),
         _table("Summary", summary),
+        _crops_section(report, crops, colors),
+        "<h2>Nuclei per class</h2>",
+        _class_table(report),
+        _image("Nuclei per class", _plot_class_counts(report.nuclei_per_class, colors)),
+        "<h2>Nucleus size</h2>",
+        _image("Nucleus size histogram", _plot_size_histogram(report.qc, report.classes)),
+        "<h2>Slide overview</h2>",
+        _image("Slide overview", _plot_overview(report, thumbnail, tissue, density, windows)),
+        "<h2>Time per stage</h2>",
+        _image("Time per stage", _plot_stage_times(data["seconds"])),
+        "<h2>Tile times</h2>",
+        _image("Tile times", _plot_tile_histogram(report.tile_seconds)),
         _table("Model", model),
-    ]
-    total = max(report.nuclei, 1)
-    counts = [(name, f"{count:,} ({100 * count / total:.1f}%)") for name, count in report.nuclei_per_class.items()]
-    for title, png in figures:
-        encoded = base64.b64encode(png).decode("ascii")
-        alt = html.escape(title)
-        parts.append(f'<h2>{alt}</h2><img alt="{alt}" src="data:image/png;base64,{encoded}">')
-        if title == "Nuclei per class":
-            parts.append(_table("", counts))
-    parts.append(_table("Versions", list(report.versions.items())))
-    parts.append(
+        _table("Versions", list(report.versions.items())),
         f"<h2>Configuration</h2><p>checksum <code>{html.escape(report.config_checksum)}</code></p>"
-        f"<pre>{html.escape(json.dumps(report.config, indent=2, default=str, ensure_ascii=False))}</pre>"
-    )
-    parts.append("</body></html>\n")
+        f"<pre>{html.escape(json.dumps(report.config, indent=2, default=str, ensure_ascii=False))}</pre>",
+        f"<script>{_SCRIPT}</script>",
+        "</body></html>\n",
+    ]
     return "\n".join(parts)
+
+
+def _image(title: str, png: bytes, css: str = "") -> str:
+    encoded = base64.b64encode(png).decode("ascii")
+    extra = f' class="{css}"' if css else ""
+    return f'<img{extra} alt="{html.escape(title)}" src="data:image/png;base64,{encoded}">'
+
+
+def _png_of(rgb: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb[..., :3]).astype(np.uint8), "RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _warnings_panel(warnings: Sequence[str]) -> str:
+    if not warnings:
+        return '<div class="warnings ok" id="warnings"><h2>Warnings</h2><p>None.</p></div>'
+    items = "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
+    return f'<div class="warnings" id="warnings"><h2>Warnings ({len(warnings)})</h2><ul>{items}</ul></div>'
+
+
+def _legend(colors: Mapping[str, tuple[int, int, int]], names: Sequence[str]) -> str:
+    items = "".join(
+        f'<span class="swatch" style="background:rgb{tuple(colors.get(n, UNTYPED_COLOR))}"></span>{html.escape(n)} '
+        for n in names
+    )
+    return f'<p class="legend">{items}</p>'
+
+
+def _crops_section(report: SlideReport, crops: Sequence[Crop], colors: Mapping[str, tuple[int, int, int]]) -> str:
+    """The crops at the inference resolution, outlines drawn; shown 1:1 (no resampling
+    blurs the outlines), the raw crop under each for the outline toggle."""
+    head = "<h2>Nuclei on the slide</h2>"
+    if not crops:
+        why = "no tissue was found" if report.tiles == 0 or report.tissue_mm2 <= 0 else "no crop could be read"
+        return head + f'<p class="none">No crops: {why}.</p>'
+    shown = [n for n, c in report.nuclei_per_class.items() if c] or list(report.nuclei_per_class)
+    intro = (
+        f"<p>{len(crops)} regions of {crops[0].window.width_px} x {crops[0].window.height_px} px at "
+        f"{_fmt(report.mpp)} µm/px (what the model saw), chosen over the tissue from the densest to the sparsest; "
+        "every nucleus outline is drawn in its class colour. "
+        '<label><input type="checkbox" id="outlines" checked> outlines</label></p>'
+    )
+    figures = []
+    for number, crop in enumerate(crops, start=1):
+        w = crop.window
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(crop.per_class.items(), key=lambda kv: -kv[1])) or "none"
+        caption = (
+            f"{number}. {w.kind}: {crop.nuclei} nuclei ({_fmt(w.density_per_mm2)} / mm² around it); {counts}. "
+            f"Level-0 box x {w.x0:.0f}, y {w.y0:.0f}, {w.width:.0f} x {w.height:.0f} px."
+        )
+        figures.append(
+            f'<figure class="crop" style="width:{w.width_px}px">'
+            f'<div class="stack" style="width:{w.width_px}px;height:{w.height_px}px">'
+            + _image(f"crop {number}", _png_of(crop.image), "raw")
+            + _image(f"crop {number} with nucleus outlines", _png_of(crop.outlined), "outlined")
+            + f"</div><figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
+    return head + intro + _legend(colors, shown) + '<div class="crops">' + "".join(figures) + "</div>"
+
+
+def _class_table(report: SlideReport) -> str:
+    """Count, share, size and confidence per class (from the QC summary when there is one)."""
+    rows = report.qc.get("per_class") if report.qc else None
+    if not rows:
+        total = max(report.nuclei, 1)
+        counts = [(n, f"{c:,} ({100 * c / total:.1f}%)") for n, c in report.nuclei_per_class.items()]
+        return _table("", counts)
+    head = (
+        "<tr><th></th><th>class</th><th>nuclei</th><th>share</th><th>median area µm²</th>"
+        "<th>mean class probability</th><th>mean vote fraction</th><th>low-confidence</th></tr>"
+    )
+    body = []
+    for row in rows:
+        if not row["count"] and row["id"] == 0:
+            continue
+        color = tuple(int(v) for v in row["color"])
+        name = html.escape(row["name"])
+        if row["id"] == 0:
+            name = f'<span title="{html.escape(UNTYPED_DESCRIPTION)}">{name} (untyped)</span>'
+        low = f"{row['low_confidence']:,}" if row["id"] else "n/a"
+        body.append(
+            f'<tr><td><span class="swatch" style="background:rgb{color}"></span></td><td>{name}</td>'
+            f"<td>{row['count']:,}</td><td>{100 * row['share']:.1f}%</td><td>{_fmt(row['median_area_um2'])}</td>"
+            f"<td>{_fmt(row['mean_class_probability'])}</td><td>{_fmt(row['mean_vote_fraction'])}</td>"
+            f"<td>{low}</td></tr>"
+        )
+    note = (
+        f'<p class="note"><b>{html.escape(UNTYPED_NAME)}</b>: {html.escape(UNTYPED_DESCRIPTION)}. '
+        "<b>Mean class probability</b>: the type head's probability of the nucleus' class, averaged over its pixels; "
+        "<b>vote fraction</b>: the share of its pixels whose most probable class is its class. "
+        f"<b>Low-confidence</b>: mean class probability below {_fmt(report.qc.get('low_confidence_below'))}.</p>"
+    )
+    return f'<table class="classes">{head}{"".join(body)}</table>{note}'
 
 
 def _class_colors(classes: Sequence[Mapping[str, Any]]) -> dict[str, tuple[int, int, int]]:
@@ -388,10 +498,15 @@ def _png(fig: Any) -> bytes:
 
 
 def _plot_overview(
-    report: SlideReport, thumbnail: np.ndarray | None, tissue: TissueMask | None, density: NucleiDensity | None
+    report: SlideReport,
+    thumbnail: np.ndarray | None,
+    tissue: TissueMask | None,
+    density: NucleiDensity | None,
+    windows: Sequence[Any] = (),
 ) -> bytes:
-    """Three panels over the same level-0 frame: thumbnail + tissue outline, nuclei per
-    mm², and each cell's most frequent class (opacity following density)."""
+    """Three panels over the same level-0 frame: thumbnail + tissue outline + the crops
+    shown above (numbered boxes), nuclei per mm², and each cell's most frequent class
+    (opacity following density)."""
     width, height = report.width, report.height
     extent = (0, width, height, 0)
     fig, axes = _figure(15, 5.2 * max(0.35, min(1.5, height / width)) + 0.8, ncols=3)
@@ -412,7 +527,12 @@ def _plot_overview(
             extent=mask_extent,
             origin="upper",
         )
-    axes[0].set_title(f"Tissue ({_fmt(report.tissue_mm2)} mm², outline)")
+    from matplotlib.patches import Rectangle
+
+    for number, w in enumerate(windows, start=1):
+        axes[0].add_patch(Rectangle((w.x0, w.y0), w.width, w.height, fill=False, edgecolor="#ffd400", linewidth=1.5))
+        axes[0].text(w.x0, w.y0, str(number), color="#ffd400", fontsize=9, va="bottom", fontweight="bold")
+    axes[0].set_title(f"Tissue ({_fmt(report.tissue_mm2)} mm², outline)" + (", crops" if windows else ""))
     for ax in axes[1:]:
         if grey is not None:
             ax.imshow(grey, cmap="gray", vmin=0, vmax=1, alpha=0.35, extent=extent, interpolation="nearest")
@@ -484,6 +604,46 @@ def _plot_class_counts(counts: Mapping[str, int], colors: Mapping[str, tuple[int
     return _png(fig)
 
 
+def _plot_size_histogram(qc: Mapping[str, Any], classes: Sequence[Mapping[str, Any]]) -> bytes:
+    """Nucleus areas on log bins, stacked by class, the fragment threshold marked:
+    fragments and merged blobs show as humps apart from the main one."""
+    fig, ax = _figure(7, 3.2)
+    ax = ax[0, 0]
+    histogram = qc.get("area_histogram") if qc else None
+    if not histogram or not sum(histogram["counts"]):
+        ax.text(0.5, 0.5, "no nuclei", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlabel("nucleus area (µm²)")
+        return _png(fig)
+    edges = np.asarray(histogram["edges_um2"], dtype=np.float64)
+    colors = _class_colors(classes)
+    bottom = np.zeros(len(edges) - 1)
+    for name, counts in histogram.get("per_class", {"all": histogram["counts"]}).items():
+        inner = np.asarray(counts, dtype=np.float64)[1 : len(edges)]  # bins between the first and last edge
+        if not inner.any():
+            continue
+        color = np.asarray(colors.get(name, (76, 120, 168)), dtype=np.float32) / 255.0
+        ax.bar(edges[:-1], inner, width=np.diff(edges), bottom=bottom, align="edge", color=color, label=name,
+               edgecolor="#333", linewidth=0.3)
+        bottom += inner
+    ax.set_xscale("log")
+    fragment = float(qc.get("fragment_below_um2", FRAGMENT_UM2))
+    ax.axvline(fragment, color="#e45756", linestyle="--")
+    ax.set_title(
+        f"fragments (< {fragment:g} µm², left of the dashed line): {qc.get('fragments', 0):,} "
+        f"({100 * qc.get('fragment_fraction', 0):.1f}%)",
+        color="#e45756",
+        fontsize=10,
+    )
+    total = np.asarray(histogram["counts"])
+    outside = int(total[0] + total[-1])
+    ax.set_xlabel(
+        "nucleus area (µm², log scale)" + (f"; {outside} outside {edges[0]:g}-{edges[-1]:g} µm²" if outside else "")
+    )
+    ax.set_ylabel("nuclei")
+    ax.legend(frameon=False, fontsize=8, loc="upper right")
+    return _png(fig)
+
+
 def _plot_stage_times(seconds: Mapping[str, float]) -> bytes:
     stages = [s for s in STAGES if s in seconds]
     values = [float(seconds[s]) for s in stages]
@@ -531,9 +691,25 @@ def _table(title: str, rows: Sequence[tuple[str, str]]) -> str:
 
 
 _CSS = (
-    "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+    "body{font-family:system-ui,sans-serif;max-width:1300px;margin:2em auto;padding:0 1em;color:#222}"
     "table{border-collapse:collapse;margin-bottom:1em}th,td{padding:.25em .8em;border-bottom:1px solid #ddd;"
     "text-align:left;vertical-align:top}th{font-weight:600;white-space:nowrap}img{max-width:100%}"
     "pre{background:#f6f6f6;padding:1em;overflow:auto}.meta{color:#666}"
     ".warnings{background:#fff4e5;border-left:4px solid #e69500;padding:.2em 1em;margin-bottom:1em}"
+    ".warnings.ok{background:#eef8ee;border-left-color:#3a3}"
+    ".crops{display:flex;flex-wrap:wrap;gap:16px}.crop{margin:0}"
+    ".stack{position:relative}.stack img{position:absolute;left:0;top:0;max-width:none;image-rendering:pixelated}"
+    "body.no-outlines .stack img.outlined{visibility:hidden}"
+    "figcaption{font-size:.85em;color:#444;margin-top:.3em}"
+    ".swatch{display:inline-block;width:.9em;height:.9em;border:1px solid #333;margin:0 .3em 0 .6em;"
+    "vertical-align:middle}.legend{margin:.3em 0}.note{font-size:.85em;color:#444;max-width:60em}"
+    "table.classes td,table.classes th{text-align:right}table.classes td:nth-child(2){text-align:left}"
+)
+
+# The outline toggle; the page marks itself ready so a headless browser can tell the
+# script ran to the end.
+_SCRIPT = (
+    "(function(){var box=document.getElementById('outlines');"
+    "if(box){box.addEventListener('change',function(){document.body.classList.toggle('no-outlines',!box.checked);});}"
+    "document.body.setAttribute('data-ready','1');})();"
 )

@@ -1,40 +1,53 @@
-"""Nuclei as an OME-Zarr (zarr v3, OME-NGFF 0.5): label images plus a nuclei table.
+"""Nuclei as an OME-Zarr (zarr v3, OME-NGFF 0.5) that napari and ome-zarr-py open as a whole.
 
-Layout of ``<stem>.zarr``::
+Two layouts, both a valid NGFF node at the root (ome-zarr-models validates the store
+when it is closed), so ``napari slide.zarr`` or ``Reader(parse_url("slide.zarr"))``
+finds everything without knowing our paths:
 
-    zarr.json                   ome.version "0.5"; "wsi_pipeline": mpp, classes, paths
-    labels/zarr.json            ome.labels ["nuclei", "nuclei_class"]
-    labels/nuclei/0, 1, ...     int32 instance labels (value = nucleus id), multiscale
-    labels/nuclei_class/0, ...  uint8 class labels (value = class id), multiscale
-    tables/nuclei/label_id      int32 (N,)   = the nucleus' value in labels/nuclei
-                 /centroid      float64 (N, 2) level-0 x, y
-                 /bbox          float64 (N, 4) level-0 x0, y0, x1, y1
-                 /type          int16 (N,)    class id (0: none)
-                 /type_prob     float32 (N,)
-                 /area          float32 (N,)  µm²
+Labels only (the default; the slide stays in its own file)::
 
-Why two label images. NGFF's ``image-label`` colours are per label *value*
-(``colors: [{"label-value", "rgba"}]``); for an instance image that means one entry per
-nucleus, i.e. megabytes of JSON held in memory and parsed by every viewer on a slide of
-500k nuclei. So ``labels/nuclei`` only declares its background transparent (viewers
-give instances their own colours, as usual for instance masks), and the class colours
-live where the spec can say them compactly: ``labels/nuclei_class``, a label image
-whose values are class ids, with one ``colors`` and one ``properties`` entry
-(``{"label-value", "class"}``) per class. Nuclei the type head left unclassified get
-:data:`UNTYPED_VALUE` there. The class image is derived from the instance image and the
-table in :meth:`NucleiZarr.close`, so the stitcher only writes instance labels.
+    zarr.json               ome: {version "0.5", labels ["nuclei", "nuclei_class"]}; wsi_pipeline: ...
+    nuclei/0, 1, ...        int32 instance labels (value = nucleus id), multiscale
+    nuclei_class/0, ...     uint8 class labels (value = class id), multiscale
 
-The root has no image of its own (the slide stays in its original file), hence no
-``source`` in ``image-label``; everything is at the inference µm/px, whose
-``coordinateTransformations`` give micrometres (``scale`` = µm/px per level). Level
-``n + 1`` takes every second pixel of level ``n`` (label values must never be
-averaged); with NGFF's pixel-centre convention that is exactly the pixel at
-``2 * index``, so no ``translation`` is needed.
+With the image (``--zarr-image``): the RGB slide at the inference µm/px is the root
+image, and the labels sit in its ``labels`` group, as NGFF places the labels of an
+image::
 
-Memory stays flat as slides grow: label tiles go straight to their chunks, table rows
-are buffered ``table_chunk`` at a time, and the pyramid is built chunk by chunk from
-the set of chunks actually written. The one O(N) buffer is the id -> class lookup of
-``close()``: one byte per nucleus.
+    zarr.json               ome: {version, multiscales, omero}; wsi_pipeline: ...
+    0, 1, ...               uint8 (c, y, x) RGB, multiscale, white where no tile was read
+    labels/zarr.json        ome: {labels ["nuclei", "nuclei_class"]}
+    labels/nuclei/...       as above, image-label.source.image = "../../"
+    labels/nuclei_class/...
+
+The root's ``wsi_pipeline`` attributes name the label paths of the layout at hand
+(:data:`LABELS`/:data:`CLASS_LABELS` under ``labels/`` or not).
+
+**Visible labels.** napari colours a label image from ``image-label.colors`` when the
+key is there and draws every value *missing* from it transparent. An instance image
+cannot list one colour per nucleus (500 000 entries of JSON), so ``nuclei`` has no
+``colors`` at all: viewers then give each instance its own cycling colour. The class
+colours live where the spec can say them compactly: ``nuclei_class``, whose values are
+class ids, with one ``colors`` and one ``properties`` entry (``{"label-value",
+"class"}``) for *every* value it holds (background transparent; untyped nuclei
+:data:`UNTYPED_VALUE`, grey). The class image is derived from the instance image in
+:meth:`NucleiZarr.close`, so the stitcher only writes instance labels.
+
+**Geometry.** Everything is at the inference µm/px; ``coordinateTransformations`` give
+micrometres (``scale`` = µm/px per level). Label level ``n + 1`` takes every second
+pixel of level ``n`` (label values must never be averaged); with NGFF's pixel-centre
+convention that is exactly the pixel at ``2 * index``, so no ``translation``. Image
+levels average 2 x 2 pixels, whose centre lies half a pixel of the finer level further:
+level ``k`` carries the translation ``(2**k - 1) / 2 * mpp``. Image and labels have the
+same number of levels, as NGFF requires of the labels of an image.
+
+The per-nucleus table is the GeoParquet file beside the store
+(:mod:`wsi_pipeline.outputs.parquet`): NGFF 0.5 defines no tables, and a layout no
+reader knows is no help.
+
+Memory stays flat as slides grow: label tiles go straight to their chunks, the pyramids
+are built chunk by chunk from the chunks actually written, and the one O(N) buffer is
+the id -> class lookup: one byte per nucleus.
 """
 
 from __future__ import annotations
@@ -48,22 +61,16 @@ import zarr
 
 from wsi_pipeline.errors import DataError
 from wsi_pipeline.nuclei import Nucleus
+from wsi_pipeline.outputs.fields import UNTYPED_COLOR, UNTYPED_NAME
 
 NGFF_VERSION = "0.5"
 LABELS = "nuclei"
 CLASS_LABELS = "nuclei_class"
-TABLE = "tables/nuclei"
-UNTYPED_VALUE = 255  # value in labels/nuclei_class of a nucleus without a class
-TRANSPARENT = [0, 0, 0, 0]
-
-_COLUMNS: dict[str, tuple[np.dtype[Any], tuple[int, ...], str]] = {
-    "label_id": (np.dtype(np.int32), (), "value of the nucleus in labels/nuclei"),
-    "centroid": (np.dtype(np.float64), (2,), "level-0 pixels: x, y"),
-    "bbox": (np.dtype(np.float64), (4,), "level-0 pixels: x0, y0, x1, y1 (half-open)"),
-    "type": (np.dtype(np.int16), (), "class id (0: no class); see wsi_pipeline.classes in the root zarr.json"),
-    "type_prob": (np.dtype(np.float32), (), "probability of the class"),
-    "area": (np.dtype(np.float32), (), "µm²"),
-}
+LABELS_GROUP = "labels"
+UNTYPED_VALUE = 255  # value in the class image of a nucleus without a class
+TRANSPARENT = (0, 0, 0, 0)
+IMAGE_FILL = 255  # white, like glass, where no tile was read
+_RGB = (("R", "FF0000"), ("G", "00FF00"), ("B", "0000FF"))
 
 
 def pyramid_levels(shape: tuple[int, int], chunk: int) -> int:
@@ -73,6 +80,12 @@ def pyramid_levels(shape: tuple[int, int], chunk: int) -> int:
         longest = math.ceil(longest / 2)
         levels += 1
     return levels
+
+
+def label_paths(image: bool) -> tuple[str, str]:
+    """Paths of the instance and class label images in a store with or without the image."""
+    prefix = f"{LABELS_GROUP}/" if image else ""
+    return prefix + LABELS, prefix + CLASS_LABELS
 
 
 class NucleiZarr:
@@ -85,8 +98,8 @@ class NucleiZarr:
             core write chunk-aligned (no read-modify-write).
         classes: the model's foreground classes ``[{"id", "name", "color"}]``, ids 1..K.
         mpp: the inference µm/px (level 0's pixel size).
+        image: also hold the RGB image (filled by :meth:`write_image`) as the root image.
         levels: pyramid levels (default: until one chunk holds the whole slide).
-        table_chunk: table rows per chunk and per write.
         attributes: extra JSON-ready metadata for the root's ``wsi_pipeline`` key
             (slide name, level-0 scale...).
     """
@@ -99,15 +112,15 @@ class NucleiZarr:
         classes: list[dict[str, Any]],
         mpp: float,
         *,
+        image: bool = False,
         levels: int | None = None,
-        table_chunk: int = 65536,
         attributes: dict[str, Any] | None = None,
     ) -> None:
         height, width = (int(v) for v in shape)
         if height <= 0 or width <= 0:
             raise ValueError(f"label shape must be positive, got {shape}")
-        if chunk <= 0 or table_chunk <= 0:
-            raise ValueError(f"chunk sizes must be positive, got {chunk} and {table_chunk}")
+        if chunk <= 0:
+            raise ValueError(f"chunk size must be positive, got {chunk}")
         if mpp <= 0:
             raise ValueError(f"mpp must be positive, got {mpp}")
         if any(not 1 <= int(c["id"]) < UNTYPED_VALUE for c in classes):
@@ -118,37 +131,43 @@ class NucleiZarr:
         self.shape = (height, width)
         self.chunk = int(chunk)
         self.mpp = float(mpp)
+        self.has_image = bool(image)
         self.classes = [
             {"id": int(c["id"]), "name": str(c["name"]), "color": [int(v) for v in c["color"]]} for c in classes
         ]
         self.levels = pyramid_levels(self.shape, self.chunk) if levels is None else int(levels)
         if self.levels < 1:
             raise ValueError(f"levels must be >= 1, got {levels}")
+        self.labels_path, self.class_labels_path = label_paths(self.has_image)
         self._written: set[tuple[int, int]] = set()  # level-0 chunks holding labels
+        self._image_written: set[tuple[int, int]] = set()  # level-0 chunks holding pixels
+        self._types = np.zeros(1024, dtype=np.uint8)  # label id -> class-image value
         self._count = 0
         self._max_id = 0
         self._closed = False
 
         self.root = zarr.open_group(self.path, mode="w-", zarr_format=3)
-        self.root.attrs.update(
-            {
-                "ome": {"version": NGFF_VERSION},
-                "wsi_pipeline": {
-                    **(attributes or {}),
-                    "mpp": self.mpp,
-                    "classes": self.classes,
-                    "labels": f"labels/{LABELS}",
-                    "class_labels": f"labels/{CLASS_LABELS}",
-                    "table": TABLE,
-                    "untyped_class_value": UNTYPED_VALUE,
-                },
-            }
-        )
-        labels = self.root.create_group("labels")
-        labels.attrs.update({"ome": {"version": NGFF_VERSION, "labels": [LABELS, CLASS_LABELS]}})
-        self._instance = self._label_image(labels, LABELS, np.int32, self._instance_label_meta())
-        self._class = self._label_image(labels, CLASS_LABELS, np.uint8, self._class_label_meta())
-        self._table = _TableWriter(self.root.create_group(TABLE), table_chunk)
+        extra = {
+            **(attributes or {}),
+            "mpp": self.mpp,
+            "classes": self.classes,
+            "labels": self.labels_path,
+            "class_labels": self.class_labels_path,
+            "layout": "image with labels/" if self.has_image else "labels only",
+            "untyped_class_value": UNTYPED_VALUE,
+            "table": "the <stem>.nuclei.parquet file beside this store (GeoParquet), one row per label value",
+        }
+        if self.has_image:
+            self._image = self._multiscale(self.root, np.uint8, ("c", "y", "x"), IMAGE_FILL)
+            self.root.attrs.update({"ome": self._image_attrs(), "wsi_pipeline": extra})
+            holder = self.root.create_group(LABELS_GROUP)
+        else:
+            holder = self.root
+        holder.attrs.update({"ome": _dump(_labels_attrs())})
+        if not self.has_image:
+            holder.attrs.update({"wsi_pipeline": extra})
+        self._instance = self._label_image(holder, LABELS, np.int32, self._instance_label_meta())
+        self._class = self._label_image(holder, CLASS_LABELS, np.uint8, self._class_label_meta())
 
     # -- LabelSink ---------------------------------------------------------------------
 
@@ -160,7 +179,7 @@ class NucleiZarr:
             return
         y0, y1, x0, x1, patch = box
         self._instance[0][y0:y1, x0:x1] = patch.astype(np.int32, copy=False)
-        self._mark(y0, y1, x0, x1)
+        self._mark(self._written, y0, y1, x0, x1)
 
     def merge(self, u0: int, v0: int, labels: np.ndarray) -> None:
         """Add labels at target pixel (u0, v0) only where the image is still background:
@@ -178,30 +197,51 @@ class NucleiZarr:
             return
         current[free] = patch[free]
         self._instance[0][y0:y1, x0:x1] = current
-        self._mark(y0, y1, x0, x1)
+        self._mark(self._written, y0, y1, x0, x1)
 
     # -- NucleusSink -------------------------------------------------------------------
 
     def add(self, nucleus: Nucleus) -> None:
-        """Append one nucleus to the table (buffered)."""
+        """Note one nucleus' class for the class image (one byte per nucleus)."""
         if self._closed:
             raise RuntimeError(f"{self.path}: add() after close()")
-        self._table.add(nucleus)
+        label = int(nucleus.label)
+        if label >= self._types.size:
+            self._types = np.concatenate([self._types, np.zeros(max(label + 1, self._types.size), dtype=np.uint8)])
+        self._types[label] = int(nucleus.type) if int(nucleus.type) > 0 else UNTYPED_VALUE
         self._count += 1
-        self._max_id = max(self._max_id, int(nucleus.label))
+        self._max_id = max(self._max_id, label)
 
     @property
     def count(self) -> int:
-        """Nuclei added to the table."""
+        """Nuclei added."""
         return self._count
 
+    # -- the image ---------------------------------------------------------------------
+
+    def write_image(self, u0: int, v0: int, rgb: np.ndarray) -> None:
+        """Write RGB pixels (height, width, 3) at target pixel (u0, v0) of the image."""
+        if not self.has_image:
+            raise RuntimeError(f"{self.path} was created without an image (image=False)")
+        rgb = np.asarray(rgb)
+        if rgb.ndim != 3 or rgb.shape[2] != 3:
+            raise ValueError(f"expected an RGB image (height, width, 3), got shape {rgb.shape}")
+        box = self._clip(u0, v0, rgb[..., 0])
+        if box is None:
+            return
+        y0, y1, x0, x1, _ = box
+        patch = rgb[y0 - int(v0) : y1 - int(v0), x0 - int(u0) : x1 - int(u0)]
+        self._image[0][:, y0:y1, x0:x1] = np.moveaxis(patch.astype(np.uint8, copy=False), 2, 0)
+        self._mark(self._image_written, y0, y1, x0, x1)
+
+    # -- closing -----------------------------------------------------------------------
+
     def close(self) -> None:
-        """Flush the table, derive the class image and build the lower levels."""
+        """Derive the class image, build the lower levels, and validate the store with
+        ome-zarr-models (a store that fails is a bug, reported here, not in a viewer)."""
         if self._closed:
             return
-        self._table.flush()
-        self._table.group.attrs.update({"count": self._count})
-        lookup = self._class_lookup()
+        lookup = self._types[: self._max_id + 1]
         chunks = sorted(self._written)
         for ci, cj in chunks:
             rows, cols = self._chunk_slices(0, ci, cj)
@@ -215,7 +255,18 @@ class NucleiZarr:
                 data = self._instance[level - 1][src_rows, src_cols]
                 self._instance[level][rows, cols] = data
                 self._class[level][rows, cols] = _classes_of(data, lookup)
+        if self.has_image:
+            self._image_pyramid()
         self._closed = True
+        self.validate()
+
+    def validate(self) -> None:
+        """Check the whole store against NGFF 0.5 with ome-zarr-models (raises if invalid)."""
+        from ome_zarr_models.v05.image import Image
+        from ome_zarr_models.v05.labels import Labels
+
+        root = zarr.open_group(self.path, mode="r", zarr_format=3)
+        (Image if self.has_image else Labels).from_zarr(root)
 
     def __enter__(self) -> NucleiZarr:
         return self
@@ -230,60 +281,108 @@ class NucleiZarr:
         factor = 2**level
         return math.ceil(self.shape[0] / factor), math.ceil(self.shape[1] / factor)
 
-    def _label_image(self, parent: zarr.Group, name: str, dtype: type, image_label: dict[str, Any]) -> list[zarr.Array]:
-        group = parent.create_group(name)
-        datasets = []
+    def _image_pyramid(self) -> None:
+        """Level k = 2 x 2 means of level k - 1, chunk by chunk over the chunks read."""
+        chunks = sorted(self._image_written)
+        for level in range(1, self.levels):
+            chunks = sorted({(ci // 2, cj // 2) for ci, cj in chunks})
+            source = self._image[level - 1]
+            for ci, cj in chunks:
+                rows, cols = self._chunk_slices(level, ci, cj)
+                block = source[:, 2 * rows.start : 2 * rows.stop, 2 * cols.start : 2 * cols.stop]
+                self._image[level][:, rows, cols] = _mean2x2(block, rows.stop - rows.start, cols.stop - cols.start)
+
+    def _multiscale(
+        self, group: zarr.Group, dtype: type, axes: tuple[str, ...], fill: int
+    ) -> list[zarr.Array]:
         arrays = []
         for level in range(self.levels):
             shape = self.level_shape(level)
             chunks = (min(self.chunk, shape[0]), min(self.chunk, shape[1]))
+            if len(axes) == 3:
+                shape, chunks = (3, *shape), (3, *chunks)
             arrays.append(
                 group.create_array(
-                    str(level),
-                    shape=shape,
-                    chunks=chunks,
-                    dtype=dtype,
-                    fill_value=0,
-                    dimension_names=["y", "x"],
+                    str(level), shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, dimension_names=list(axes)
                 )
             )
-            pixel = self.mpp * 2**level
-            scale = {"type": "scale", "scale": [pixel, pixel]}
-            datasets.append({"path": str(level), "coordinateTransformations": [scale]})
-        group.attrs.update(
-            {
-                "ome": {
-                    "version": NGFF_VERSION,
-                    "multiscales": [
-                        {
-                            "name": name,
-                            "axes": [
-                                {"name": "y", "type": "space", "unit": "micrometer"},
-                                {"name": "x", "type": "space", "unit": "micrometer"},
-                            ],
-                            "datasets": datasets,
-                            "type": "nearest",
-                            "metadata": {"description": "each level takes every 2nd pixel of the one above"},
-                        }
-                    ],
-                    "image-label": image_label,
-                }
-            }
-        )
         return arrays
 
-    def _instance_label_meta(self) -> dict[str, Any]:
-        return {"colors": [{"label-value": 0, "rgba": TRANSPARENT}]}
+    def _multiscale_meta(self, name: str, channel: bool) -> Any:
+        from ome_zarr_models.v05.axes import Axis
+        from ome_zarr_models.v05.multiscales import Dataset, Multiscale
 
-    def _class_label_meta(self) -> dict[str, Any]:
-        colors = [{"label-value": 0, "rgba": TRANSPARENT}]
-        properties: list[dict[str, Any]] = [{"label-value": 0, "class": "background"}]
-        for cls in self.classes:
-            colors.append({"label-value": cls["id"], "rgba": [*cls["color"], 255]})
-            properties.append({"label-value": cls["id"], "class": cls["name"]})
-        colors.append({"label-value": UNTYPED_VALUE, "rgba": [160, 160, 160, 255]})
-        properties.append({"label-value": UNTYPED_VALUE, "class": "nucleus"})
-        return {"colors": colors, "properties": properties}
+        axes = [Axis(name="y", type="space", unit="micrometer"), Axis(name="x", type="space", unit="micrometer")]
+        if channel:
+            axes.insert(0, Axis(name="c", type="channel"))
+        datasets = []
+        for level in range(self.levels):
+            pixel = self.mpp * 2**level
+            scale = [pixel, pixel]
+            shift = [(2**level - 1) / 2 * self.mpp] * 2 if channel and level else None
+            if channel:
+                scale = [1.0, *scale]
+                shift = [0.0, *shift] if shift else None
+            datasets.append(Dataset.build(path=str(level), scale=scale, translation=shift))
+        how = "2x2 mean of the level above" if channel else "every 2nd pixel of the level above"
+        return Multiscale(
+            axes=axes,
+            datasets=tuple(datasets),
+            name=name,
+            type="mean" if channel else "nearest",
+            metadata={"description": f"each level is the {how}"},
+        )
+
+    def _image_attrs(self) -> dict[str, Any]:
+        from ome_zarr_models.common.omero import Channel, Omero, Window
+        from ome_zarr_models.v05.image import ImageAttrs
+
+        window = Window(min=0, max=255, start=0, end=255)
+        omero = Omero(
+            channels=[Channel(color=color, window=window, label=label, active=True) for label, color in _RGB],
+            rdefs={"model": "color"},
+        )
+        attrs = ImageAttrs(version=NGFF_VERSION, multiscales=[self._multiscale_meta("image", True)], omero=omero)
+        return _dump(attrs)
+
+    def _label_image(
+        self, parent: zarr.Group, name: str, dtype: type, image_label: Any
+    ) -> list[zarr.Array]:
+        from ome_zarr_models.v05.image_label import ImageLabelAttrs
+
+        group = parent.create_group(name)
+        arrays = self._multiscale(group, dtype, ("y", "x"), 0)
+        attrs = ImageLabelAttrs(
+            version=NGFF_VERSION, multiscales=[self._multiscale_meta(name, False)], **{"image-label": image_label}
+        )
+        group.attrs.update({"ome": _dump(attrs)})
+        return arrays
+
+    def _source(self) -> Any:
+        from ome_zarr_models.v05.image_label_types import Source
+
+        return Source(image="../../") if self.has_image else None
+
+    def _instance_label_meta(self) -> Any:
+        """No ``colors``: a viewer then gives each nucleus a colour of its own (a list
+        naming only some values would hide all the others)."""
+        from ome_zarr_models.v05.image_label_types import Label
+
+        return Label(version=NGFF_VERSION, source=self._source())
+
+    def _class_label_meta(self) -> Any:
+        """One colour and one name for every value the class image can hold."""
+        from ome_zarr_models.v05.image_label_types import Color, Label, Property
+
+        entries = [(0, TRANSPARENT, "background")]
+        entries += [(c["id"], (*c["color"], 255), c["name"]) for c in self.classes]
+        entries.append((UNTYPED_VALUE, (*UNTYPED_COLOR, 255), UNTYPED_NAME))
+        return Label(
+            version=NGFF_VERSION,
+            source=self._source(),
+            colors=tuple(Color(label_value=value, rgba=tuple(rgba)) for value, rgba, _ in entries),
+            properties=tuple(Property(label_value=value, **{"class": name}) for value, _, name in entries),
+        )
 
     def _clip(self, u0: int, v0: int, labels: np.ndarray) -> tuple[int, int, int, int, np.ndarray] | None:
         """The part of a patch inside level 0, as (y0, y1, x0, x1, patch)."""
@@ -296,71 +395,43 @@ class NucleiZarr:
             return None
         return y0, y1, x0, x1, labels[y0 - int(v0) : y1 - int(v0), x0 - int(u0) : x1 - int(u0)]
 
-    def _mark(self, y0: int, y1: int, x0: int, x1: int) -> None:
+    def _mark(self, written: set[tuple[int, int]], y0: int, y1: int, x0: int, x1: int) -> None:
         c = self.chunk
         for ci in range(y0 // c, (y1 - 1) // c + 1):
             for cj in range(x0 // c, (x1 - 1) // c + 1):
-                self._written.add((ci, cj))
+                written.add((ci, cj))
 
     def _chunk_slices(self, level: int, ci: int, cj: int) -> tuple[slice, slice]:
         height, width = self.level_shape(level)
         c = self.chunk
         return slice(ci * c, min((ci + 1) * c, height)), slice(cj * c, min((cj + 1) * c, width))
 
-    def _class_lookup(self) -> np.ndarray:
-        """label id -> class-image value, read back from the table in chunks."""
-        lookup = np.zeros(self._max_id + 1, dtype=np.uint8)
-        ids, types = self._table.group["label_id"], self._table.group["type"]
-        step = self._table.chunk
-        for start in range(0, ids.shape[0], step):
-            stop = min(start + step, ids.shape[0])
-            chunk_types = np.asarray(types[start:stop])
-            lookup[np.asarray(ids[start:stop])] = np.where(chunk_types > 0, chunk_types, UNTYPED_VALUE)
-        return lookup
+
+def _dump(model: Any) -> dict[str, Any]:
+    """An ome-zarr-models model as the JSON attributes it stands for."""
+    return model.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def _labels_attrs() -> Any:
+    from ome_zarr_models.v05.labels import LabelsAttrs
+
+    return LabelsAttrs(version=NGFF_VERSION, labels=[LABELS, CLASS_LABELS])
+
+
+def _mean2x2(block: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(c, 2h, 2w) -> (c, h, w) means of 2 x 2 pixels; a missing last row or column (odd
+    sizes at the slide's edge) repeats its neighbour."""
+    channels, rows, cols = block.shape
+    pad = ((0, 0), (0, 2 * height - rows), (0, 2 * width - cols))
+    if any(p[1] for p in pad):
+        block = np.pad(block, pad, mode="edge")
+    means = block.reshape(channels, height, 2, width, 2).astype(np.uint16).sum(axis=(2, 4))
+    return ((means + 2) // 4).astype(np.uint8)
 
 
 def _classes_of(labels: np.ndarray, lookup: np.ndarray) -> np.ndarray:
-    """Class-image values of instance labels; ids missing from the table map to 0."""
+    """Class-image values of instance labels; ids not added map to 0."""
     if labels.size == 0 or int(labels.max()) < lookup.size:
         return lookup[labels]
     inside = labels < lookup.size
     return np.where(inside, lookup[np.where(inside, labels, 0)], 0).astype(np.uint8)
-
-
-class _TableWriter:
-    """Columns of the nuclei table, appended ``chunk`` rows at a time."""
-
-    def __init__(self, group: zarr.Group, chunk: int) -> None:
-        self.group = group
-        self.chunk = chunk
-        self._arrays = {}
-        self._buffers = {}
-        for name, (dtype, tail, description) in _COLUMNS.items():
-            self._arrays[name] = group.create_array(
-                name, shape=(0, *tail), chunks=(chunk, *tail), dtype=dtype, fill_value=0
-            )
-            self._arrays[name].attrs["description"] = description
-            self._buffers[name] = np.zeros((chunk, *tail), dtype=dtype)
-        columns = {name: spec[2] for name, spec in _COLUMNS.items()}
-        group.attrs.update({"columns": columns, "label_image": f"labels/{LABELS}"})
-        self._rows = 0
-
-    def add(self, nucleus: Nucleus) -> None:
-        row = self._rows
-        b = self._buffers
-        b["label_id"][row] = nucleus.label
-        b["centroid"][row] = nucleus.centroid
-        b["bbox"][row] = nucleus.bbox
-        b["type"][row] = nucleus.type
-        b["type_prob"][row] = nucleus.type_prob
-        b["area"][row] = nucleus.area_um2
-        self._rows += 1
-        if self._rows == self.chunk:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self._rows:
-            return
-        for name, array in self._arrays.items():
-            array.append(self._buffers[name][: self._rows])
-        self._rows = 0
