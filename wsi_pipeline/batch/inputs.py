@@ -65,14 +65,12 @@ def _csv_paths(csv_path: Path) -> list[tuple[Path, str | None]]:
     return rows
 
 
-def collect_jobs(
-    inputs: Sequence[str | os.PathLike[str]], owners: Mapping[str, str] | None = None
-) -> list[SlideJob]:
-    """The slides named by ``inputs`` (files, folders, CSVs), deduplicated, in input order.
+def gather_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[tuple[Path, str | None]]:
+    """(slide path, problem) for every slide ``inputs`` name, deduplicated, in input order.
 
     A missing or unsupported file named on the command line is an error (a typo is best
-    caught before hours of work); one listed in a CSV becomes a failed job so the rest of
-    the list still runs. ``owners`` describes the out folder (see :func:`~wsi_pipeline.slide.discover.assign_names`).
+    caught before hours of work); one listed in a CSV gets a problem, so it fails alone
+    and the rest of the list still runs.
     """
     entries: list[tuple[Path, str | None]] = []
     for item in inputs:
@@ -88,5 +86,18 @@ def collect_jobs(
         if key not in seen:
             seen.add(key)
             unique.append((path, problem))
-    names = assign_names([path for path, _ in unique], owners)
-    return [SlideJob(path, names[path], problem) for path, problem in unique]
+    return unique
+
+
+def name_jobs(entries: Sequence[tuple[Path, str | None]], owners: Mapping[str, str] | None = None) -> list[SlideJob]:
+    """Jobs with their output names; ``owners`` describes the out folder (see
+    :func:`~wsi_pipeline.slide.discover.assign_names`)."""
+    names = assign_names([path for path, _ in entries], owners)
+    return [SlideJob(path, names[path], problem) for path, problem in entries]
+
+
+def collect_jobs(
+    inputs: Sequence[str | os.PathLike[str]], owners: Mapping[str, str] | None = None
+) -> list[SlideJob]:
+    """The slides named by ``inputs`` (files, folders, CSVs) as named jobs, in input order."""
+    return name_jobs(gather_inputs(inputs), owners)

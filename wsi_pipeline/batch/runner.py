@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_pipeline.atomic import write_text_atomic
-from wsi_pipeline.batch.inputs import SlideJob, collect_jobs
+from wsi_pipeline.batch.inputs import SlideJob, gather_inputs, name_jobs
 from wsi_pipeline.batch.lock import out_folder_lock
 from wsi_pipeline.batch.marker import marker_owner, read_done_marker
 from wsi_pipeline.batch.one_slide import SlideOutcome, SlideRun, run_slide_job
@@ -182,14 +182,14 @@ def run_batch(
     """
     started = time.perf_counter()
     out = Path(out)
-    collect_jobs(inputs)  # bad inputs are refused before anything is created
+    entries = gather_inputs(inputs)  # bad inputs are refused before anything is created
     model = prepare_model(config)
     prepare_out(out)
     outcomes: list[SlideOutcome] = []
     with out_folder_lock(out, config.lock_wait):
         for stale in remove_stale_partials(out):
             log.info("removed %s, left by an interrupted run", stale)
-        jobs = collect_jobs(inputs, existing_owners(out))
+        jobs = name_jobs(entries, existing_owners(out))  # names depend on what the folder holds
         previous = read_process_list(out)
         run_checksum = settings_checksum(config, model)
         process_list = out / PROCESS_LIST
