@@ -307,8 +307,12 @@ def test_cuda_without_a_gpu_is_refused_before_any_work(tmp_path: Path, assets: d
     assert evaluate.returncode == 2 and "no CUDA GPU" in one_line_error(evaluate.stderr)
 
 
-def test_lock_file_survives_but_never_blocks_after_a_run(tmp_path: Path, assets: dict[str, Path]) -> None:
+def test_a_rerun_skips_and_the_lock_never_blocks(tmp_path: Path, assets: dict[str, Path]) -> None:
+    slide = tmp_path / "Mixed-Case.tif"  # names keep their spelling (CMU-1-Small-Region, not cmu-1-...)
+    shutil.copy(assets["small"], slide)
     out = tmp_path / "out"
-    assert run(command(assets, assets["small"], out=out)).returncode == 0
+    assert run(command(assets, slide, out=out)).returncode == 0
     assert (out / LOCK_NAME).exists() and not (out / OWNER_NAME).exists()
-    assert run(command(assets, assets["small"], out=out)).returncode == 0
+    again = run(command(assets, slide, out=out))
+    assert again.returncode == 0 and statuses(again.stdout) == ["skipped"], again.stdout
+    assert sorted(p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")) == ["Mixed-Case"]

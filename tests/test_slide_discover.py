@@ -79,4 +79,8 @@ def test_assign_names_are_unique_and_independent_of_order() -> None:
     owners = {"x": str(Path("b/x.svs").resolve()), "y": ""}
     again = assign_names(paths, owners)
     assert again[Path("b/x.svs")] == "x" and again[Path("y.ome.tiff")].startswith("y-")
+    # the folder's own spelling is kept (a rerun of CMU-1.svs finds CMU-1/, not cmu-1/)
+    cmu = Path("CMU-1.svs")
+    assert assign_names([cmu], {"CMU-1": str(cmu.resolve())}) == {cmu: "CMU-1"}
+    assert assign_names([Path("CMU-1.svs")], {"cmu-1": ""})[Path("CMU-1.svs")].startswith("CMU-1-")
     assert slide_stem("dir/s.ome.tif") == "s" and slide_stem("s.svs") == "s"

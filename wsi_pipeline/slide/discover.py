@@ -98,19 +98,19 @@ def assign_names(paths: Sequence[Path], owners: Mapping[str, str] | None = None)
     and no existing folder claims that stem, and ``<stem>-<tag>`` (``tag`` from its resolved
     path) when one does. Case is ignored when comparing, as on macOS and Windows shares.
     """
-    owners = {name.lower(): owner for name, owner in (owners or {}).items()}
-    by_owner = {owner: name for name, owner in owners.items() if owner}
+    existing = dict(owners or {})
+    by_owner = {owner: name for name, owner in existing.items() if owner}  # the folder's own spelling
+    taken_stems = {name.lower() for name in existing}
     stems: dict[str, int] = {}
     for path in paths:
         stems[slide_stem(path).lower()] = stems.get(slide_stem(path).lower(), 0) + 1
     names: dict[Path, str] = {}
-    existing_names = {name.lower(): name for name in (owners or {})}
     for path in paths:
         resolved = str(path.resolve())
         if resolved in by_owner:
-            names[path] = existing_names.get(by_owner[resolved], by_owner[resolved])
+            names[path] = by_owner[resolved]
             continue
         stem = slide_stem(path)
-        taken = stem.lower() in owners
+        taken = stem.lower() in taken_stems
         names[path] = stem if stems[stem.lower()] == 1 and not taken else f"{stem}-{_path_tag(path)}"
     return names
