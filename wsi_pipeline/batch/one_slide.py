@@ -75,20 +75,6 @@ class SlideOutcome:
     warnings: list[str] = field(default_factory=list)
     finished: str = ""
 
-    def summary(self) -> dict[str, Any]:
-        """The batch report's row: numbers as numbers, plus the output folder."""
-        return {
-            "path": self.path,
-            "status": self.status,
-            "reason": self.reason,
-            "seconds": round(self.seconds, 3),
-            "nuclei": self.nuclei,
-            "name": self.name,
-            "out_dir": self.out_dir,
-            "warnings": list(self.warnings),
-            "finished": self.finished,
-        }
-
 
 def partial_dir(out: Path, name: str) -> Path:
     """Where a slide's outputs are written before they are complete (hidden)."""
@@ -294,24 +280,27 @@ def _save_traceback(out: Path, name: str, exc: BaseException) -> Path:
 Action = Literal["run", "skip", "keep"]
 
 
-def _check_existing(run: SlideRun, final: Path, identity: dict[str, Any]) -> tuple[Action, str]:
+def _check_existing(
+    run: SlideRun, final: Path, identity: dict[str, Any]
+) -> tuple[Action, str, dict[str, Any] | None]:
     """What to do with the slide given its output folder: run it (and why, if it was done
-    before), skip it (verified), or keep another model's or settings' results and fail."""
+    before), skip it (verified), or keep another model's or settings' results and fail;
+    with the folder's done marker."""
     if not final.exists():
-        return "run", ""
+        return "run", "", None
     marker = read_done_marker(final)
     if marker is None:  # names are chosen so that this is our own folder, left unfinished by an old version
-        return "run", f"redone: {final} had no readable done marker"
+        return "run", f"redone: {final} had no readable done marker", None
     if run.config.overwrite:
-        return "run", "redone: --overwrite"
+        return "run", "redone: --overwrite", marker
     other = other_results(marker, run.model.checksum, run.config_checksum)
     if other is not None:
         return "keep", (f"{final} holds this slide's results with {other}; they are kept. "
-                        "Fix: pass --overwrite to replace them, or another --out")
+                        "Fix: pass --overwrite to replace them, or another --out"), marker
     problem = skip_problem(final, marker, identity)
     if problem is None:
-        return "skip", "already done with the same slide, model and settings; outputs verified"
-    return "run", f"redone: {problem}"
+        return "skip", "already done with the same slide, model and settings; outputs verified", marker
+    return "run", f"redone: {problem}", marker
 
 
 def run_slide_job(
@@ -329,12 +318,11 @@ def run_slide_job(
     partial = partial_dir(out, job.name)
     try:
         identity = slide_identity(job.path)
-        action, why = _check_existing(run, final, identity)
+        action, why, marker = _check_existing(run, final, identity)
         if action == "keep":
             outcome.reason = why
             return outcome
-        if action == "skip":
-            marker = read_done_marker(final) or {}
+        if action == "skip" and marker is not None:
             outcome.status, outcome.reason = "skipped", why
             outcome.nuclei, outcome.out_dir = marker.get("nuclei"), str(final)
             outcome.seconds = time.perf_counter() - started
