@@ -100,6 +100,9 @@ def stop_on_sigterm() -> Iterator[None]:
     :class:`~wsi_pipeline.errors.Interrupted`, so the run cleans up as for Ctrl-C: partial
     folder removed, process list written, cluster closed, exit code 143."""
     def handler(signum: int, frame: Any) -> None:
+        # Closing the cluster mid-task makes Dask log closed-connection tracebacks (heartbeats
+        # to workers being stopped): expected during this shutdown, so not shown.
+        logging.getLogger("distributed").setLevel(logging.CRITICAL + 1)
         raise Interrupted(signum)
 
     previous = signal.signal(signal.SIGTERM, handler)
