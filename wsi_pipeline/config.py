@@ -36,7 +36,9 @@ CLI_SOURCE = "command line"
 
 # The options that change the outputs; scheduling options (workers, scheduler...) and the
 # batch size do not. The model is compared by its file checksum, not by how it was named.
-RESULT_OPTIONS = ("tile_size", "margin", "device", "bf16", "mpp", "target_mpp", "backend", "geojson", "zarr_image")
+RESULT_OPTIONS = (
+    "tile_size", "margin", "device", "bf16", "runtime", "window", "mpp", "target_mpp", "backend", "geojson", "zarr_image"
+)
 
 
 class RunConfig(BaseModel):
@@ -58,6 +60,12 @@ class RunConfig(BaseModel):
     batch_size: int = Field(4, ge=1, le=1024, description="patches per model forward pass")
     device: str = Field("cpu", description="torch device: cpu, cuda or cuda:N")
     bf16: bool | Literal["auto"] = Field(False, description="bf16 autocast: true, false or auto (where native)")
+    runtime: Literal["auto", "torch", "openvino"] = Field(
+        "auto", description="inference runtime: auto (OpenVINO on CPU where installed, else torch), torch, openvino"
+    )
+    window: int | None = Field(
+        None, ge=96, le=4096, description="network input side in px for whole-tile inference (default: measured best)"
+    )
     workers: int | None = Field(None, ge=1, le=4096, description="Dask workers (default: sized to the machine)")
     threads_per_worker: int | None = Field(None, ge=1, le=1024, description="threads per Dask worker")
     scheduler: str | None = Field(None, description="address of an existing Dask scheduler")
