@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 from pathlib import Path
 
 import numpy as np
@@ -70,3 +72,33 @@ def tiny_labelled_folder(root: Path) -> Path:
         cv2.imwrite(str(root / "images" / f"{name}.png"), image[..., ::-1])
         np.savez(root / "labels" / f"{name}.npz", inst_map=inst, type_map=(inst > 0).astype(np.uint8) * 2)
     return root
+
+
+def one_line_error(stderr: str) -> str:
+    """The user-facing error of a CLI run: exactly one 'error:' line and no traceback."""
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+def content(folder: Path, name: str) -> dict[str, object]:
+    """A slide's results without timings: GeoJSON features and the Zarr label images."""
+    import zarr
+
+    with gzip.open(folder / f"{name}.geojson.gz", "rt", encoding="utf-8") as f:
+        features = json.load(f)["features"]
+    store = zarr.open_group(folder / f"{name}.zarr", mode="r")
+    return {
+        "features": features,
+        "labels": np.asarray(store["nuclei/0"][:]),
+        "classes": np.asarray(store["nuclei_class/0"][:]),
+    }
+
+
+def assert_same_results(a: Path, b: Path, name: str) -> None:
+    """Two runs' results of slide ``name`` (in folders ``a`` and ``b``) are identical."""
+    left, right = content(a, name), content(b, name)
+    assert left["features"] == right["features"]
+    np.testing.assert_array_equal(left["labels"], right["labels"])
+    np.testing.assert_array_equal(left["classes"], right["classes"])

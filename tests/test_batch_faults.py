@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import gzip
 import json
 import os
 import shutil
@@ -26,8 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-import zarr
-from _helpers import plumbing_model
+from _helpers import assert_same_results, content, one_line_error, plumbing_model
 
 from wsi_pipeline.batch import DONE_MARKER, LOCK_NAME, PROCESS_LIST
 from wsi_pipeline.batch.lock import OWNER_NAME
@@ -98,14 +96,6 @@ def wait_for(condition, timeout: float = 120.0, what: str = "condition") -> None
         time.sleep(0.1)
 
 
-def one_line_error(stderr: str) -> str:
-    """The user-facing error: exactly one 'error:' line and no traceback."""
-    assert "Traceback" not in stderr, stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, stderr
-    return errors[0]
-
-
 def statuses(stdout: str) -> list[str]:
     """The status word of each per-slide line the CLI prints."""
     return [line.split()[0] for line in stdout.splitlines() if line.split()[:1] in (["done"], ["skipped"], ["failed"])]
@@ -114,25 +104,6 @@ def statuses(stdout: str) -> list[str]:
 def process_rows(out: Path) -> dict[str, dict[str, str]]:
     with (out / PROCESS_LIST).open(newline="") as f:
         return {row["name"]: row for row in csv.DictReader(f)}
-
-
-def content(folder: Path, name: str) -> dict[str, object]:
-    """A slide's results without timings: GeoJSON features and the Zarr label images."""
-    with gzip.open(folder / f"{name}.geojson.gz", "rt", encoding="utf-8") as f:
-        features = json.load(f)["features"]
-    store = zarr.open_group(folder / f"{name}.zarr", mode="r")
-    return {
-        "features": features,
-        "labels": np.asarray(store["nuclei/0"][:]),
-        "classes": np.asarray(store["nuclei_class/0"][:]),
-    }
-
-
-def assert_same_results(a: Path, b: Path, name: str) -> None:
-    left, right = content(a, name), content(b, name)
-    assert left["features"] == right["features"]
-    np.testing.assert_array_equal(left["labels"], right["labels"])
-    np.testing.assert_array_equal(left["classes"], right["classes"])
 
 
 @pytest.fixture(scope="module")

@@ -23,10 +23,18 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
 from wsi_pipeline.errors import ConfigError
 
@@ -39,6 +47,82 @@ CLI_SOURCE = "command line"
 RESULT_OPTIONS = (
     "tile_size", "margin", "device", "bf16", "runtime", "window", "mpp", "target_mpp", "backend", "geojson", "zarr_image"
 )
+
+
+class ClusterOptions(BaseModel):
+    """How dask-jobqueue asks SLURM or PBS for workers: ``cluster_options`` in the run YAML.
+
+    One job is one batch-system job holding ``processes`` Dask workers that share ``cores``
+    and ``memory``. A key left out falls back to dask-jobqueue's own configuration
+    (``jobqueue.slurm.*`` / ``jobqueue.pbs.*`` in ``~/.config/dask/jobqueue.yaml``), then to
+    its default; ``cores`` and ``memory`` must come from one of the two. Keys may be spelled
+    with ``_`` or ``-``. See ``docs/cluster.md``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    queue: str | None = Field(None, description="partition (SLURM -p) or queue (PBS -q)")
+    account: str | None = Field(None, description="account charged for the jobs (SLURM -A, PBS -A)")
+    cores: int | None = Field(None, ge=1, le=4096, description="cores per job")
+    memory: str | None = Field(None, description="memory per job, e.g. 16GB")
+    processes: int | None = Field(
+        None, ge=1, le=4096, description="Dask worker processes per job (default: one per core / --threads-per-worker)"
+    )
+    walltime: str | None = Field(None, description="time limit per job, HH:MM:SS")
+    job_extra_directives: tuple[str, ...] | None = Field(
+        None, description="extra #SBATCH / #PBS lines, e.g. ['--gres=gpu:1']"
+    )
+    job_script_prologue: tuple[str, ...] | None = Field(
+        None, description="shell lines run in the job before the worker starts (module load ...)"
+    )
+    interface: str | None = Field(
+        None, description="network interface of the scheduler and workers (ib0, eth0; lo on one machine)"
+    )
+    log_directory: str | None = Field(None, description="folder for the jobs' stdout/stderr files")
+    local_directory: str | None = Field(None, description="workers' scratch folder on the compute nodes")
+    python: str | None = Field(None, description="Python on the compute nodes (default: the one running the run)")
+    adaptive_minimum: int | None = Field(None, ge=1, le=100_000, description="adaptive scaling: fewest workers")
+    adaptive_maximum: int | None = Field(None, ge=1, le=100_000, description="adaptive scaling: most workers")
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _check(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> ClusterOptions:
+        """Keys with ``-`` or ``_``, unknown keys with a suggestion, and the key named in
+        every problem (the run's error names only the option ``cluster_options``)."""
+        if isinstance(data, Mapping):
+            known = list(cls.model_fields)
+            normalised: dict[str, Any] = {}
+            for raw_key, value in data.items():
+                key = str(raw_key).strip().replace("-", "_")
+                if key not in known:
+                    close = difflib.get_close_matches(key, known, n=1)
+                    hint = f"did you mean '{close[0]}'? " if close else ""
+                    raise ValueError(f"unknown key '{raw_key}': {hint}known keys: {', '.join(known)}")
+                normalised[key] = value
+            data = normalised
+        try:
+            options = handler(data)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            key = ".".join(str(part) for part in error["loc"])
+            where = f"key '{key}' = {error.get('input')!r}: " if key else ""
+            message = str(error["msg"]).removeprefix("Value error, ").replace("a valid tuple", "a list")
+            raise ValueError(f"{where}{message}") from None
+        if options.memory is not None:
+            from dask.utils import parse_bytes
+
+            try:
+                parse_bytes(options.memory)
+            except ValueError:
+                raise ValueError(f"key 'memory' = {options.memory!r} is not an amount of memory: e.g. 16GB") from None
+        low, high = options.adaptive_minimum, options.adaptive_maximum
+        if low is not None and high is not None and low > high:
+            raise ValueError(f"adaptive_minimum ({low}) is above adaptive_maximum ({high})")
+        return options
+
+    @property
+    def adaptive(self) -> bool:
+        return self.adaptive_minimum is not None or self.adaptive_maximum is not None
 
 
 class RunConfig(BaseModel):
@@ -118,6 +202,15 @@ class RunConfig(BaseModel):
         """The options that change the outputs, JSON-ready."""
         data = self.model_dump(mode="json")
         return {key: data[key] for key in RESULT_OPTIONS}
+
+    # Cluster options (SLURM/PBS through dask-jobqueue): YAML only, as one mapping.
+    cluster_options: ClusterOptions = Field(
+        default_factory=ClusterOptions,
+        description="the jobs --cluster slurm|pbs asks for: a mapping of queue, cores, memory... (docs/cluster.md)",
+    )
+
+    # Options set only in the YAML file (--config): they have no command-line flag.
+    YAML_ONLY: ClassVar[tuple[str, ...]] = ("cluster_options",)
 
 
 def option_names(cls: type[BaseModel] = RunConfig) -> list[str]:

@@ -36,6 +36,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -101,31 +106,183 @@ def local_layout(config: RunConfig, cpus: int | None = None) -> Layout:
     return Layout(workers, threads, torch_threads)
 
 
-def _start_jobqueue(config: RunConfig) -> Any:
-    """A SLURM or PBS cluster from dask-jobqueue, scaled to ``--workers`` jobs' workers."""
+JOBQUEUE_POLL_S = 60.0  # how often the wait for the first SLURM/PBS worker says what it waits for
+
+
+def _jobqueue_default(cluster: str, key: str) -> Any:
+    """dask-jobqueue's own setting ``jobqueue.<cluster>.<key>`` (``~/.config/dask/jobqueue.yaml``)."""
+    import dask
+
+    return dask.config.get(f"jobqueue.{cluster}.{key}", None)
+
+
+def jobqueue_arguments(config: RunConfig) -> dict[str, Any]:
+    """The SLURMCluster/PBSCluster arguments of a run.
+
+    Each key comes from ``cluster_options`` (the run YAML), else from dask-jobqueue's
+    configuration, else from its default; ``cores`` may also come from
+    ``--threads-per-worker`` (one worker of that many threads per job). Without a choice a
+    job holds one single-threaded worker per core, the local layout. Workers run this
+    Python unless told otherwise, and the dashboard takes a free port.
+    """
+    name, options = config.cluster, config.cluster_options
+    cores = options.cores or _jobqueue_default(name, "cores") or config.threads_per_worker
+    memory = options.memory or _jobqueue_default(name, "memory")
+    missing = [key for key, value in (("cores", cores), ("memory", memory)) if value is None]
+    if missing:
+        raise ConfigError(
+            None,
+            f"--cluster {name} needs the {' and '.join(missing)} of each job, which no setting gives",
+            f"add cluster_options: {{cores: 4, memory: 16GB}} (your queue's values) to the --config YAML, or set "
+            f"{' and '.join(f'jobqueue.{name}.{key}' for key in missing)} in ~/.config/dask/jobqueue.yaml "
+            "(docs/cluster.md)",
+        )
+    cores = int(cores)
+    threads = config.threads_per_worker or 1
+    processes = options.processes or _jobqueue_default(name, "processes") or max(1, cores // threads)
+    if processes > cores:
+        raise ConfigError(
+            None,
+            f"cluster_options asks for {processes} worker processes in jobs of {cores} core(s)",
+            "give processes at most cores (each worker needs a core)",
+        )
+    arguments: dict[str, Any] = {
+        "cores": cores,
+        "memory": memory,
+        "processes": int(processes),
+        "python": options.python or _jobqueue_default(name, "python") or sys.executable,
+        "scheduler_options": {
+            "dashboard_address": _dashboard_address(),
+            **(_jobqueue_default(name, "scheduler-options") or {}),
+        },
+    }
+    for key in ("queue", "account", "walltime", "job_extra_directives", "job_script_prologue", "interface",
+                "log_directory", "local_directory"):
+        value = getattr(options, key)
+        if value is not None:
+            arguments[key] = list(value) if isinstance(value, tuple) else value
+    return arguments
+
+
+def _check_job_script(cluster: Any, name: str) -> None:
+    """Ask SLURM whether it would run the worker job (``sbatch --test-only``), so a wrong
+    partition, account or size fails the run at once with SLURM's own words rather than
+    leaving it waiting for a worker that never comes. PBS has no such check."""
+    if name != "slurm":
+        return
+    with tempfile.TemporaryDirectory(prefix="wsi-jobqueue-") as folder:
+        script = Path(folder) / "worker.sh"
+        script.write_text(cluster.job_script(), encoding="utf-8")
+        try:
+            result = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.warning("could not check the worker job with sbatch --test-only (%s)", exc)
+            return
+    if result.returncode != 0:
+        said = (result.stderr.strip() or result.stdout.strip() or f"exit code {result.returncode}").splitlines()[-1]
+        raise ConfigError(
+            None,
+            f"SLURM refuses the Dask worker job ({said})",
+            "fix cluster_options (queue, account, cores, memory, walltime, job_extra_directives) in the --config "
+            "YAML or jobqueue.slurm in ~/.config/dask/jobqueue.yaml; `sinfo` lists the partitions and their limits",
+        )
+
+
+def _start_jobqueue(config: RunConfig) -> tuple[Any, str]:
+    """A SLURM or PBS cluster from dask-jobqueue and its description.
+
+    Scaled to ``--workers`` workers (whole jobs; default one job), or adaptive between
+    ``cluster_options.adaptive_minimum`` and ``adaptive_maximum`` workers.
+    """
     try:
         import dask_jobqueue
     except ImportError:
         raise ConfigError(
             None,
             f"--cluster {config.cluster} needs the dask-jobqueue package, which is not installed",
-            "pip install dask-jobqueue (and describe your queue in ~/.config/dask/jobqueue.yaml), "
+            "pip install dask-jobqueue (and describe your queue in cluster_options, docs/cluster.md), "
             "or use --scheduler ADDR with a cluster you started yourself",
         ) from None
     cls = {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster}[config.cluster]
-    kwargs: dict[str, Any] = {}
-    if config.threads_per_worker is not None:
-        kwargs.update(cores=config.threads_per_worker, processes=1)
-    try:
-        cluster = cls(**kwargs)
-    except ValueError as exc:  # jobqueue's way to say cores/memory are not configured
+    submit = cls.job_cls.submit_command.split()[0]
+    if shutil.which(submit) is None:
         raise ConfigError(
             None,
-            f"dask-jobqueue could not set up the {config.cluster} cluster ({exc})",
-            f"describe the queue (cores, memory, queue...) in ~/.config/dask/jobqueue.yaml under '{config.cluster}'",
+            f"--cluster {config.cluster} submits its workers with {submit}, which is not on this machine's PATH",
+            f"run on a {config.cluster.upper()} login node, or use --scheduler ADDR with a cluster you started",
+        )
+    options = config.cluster_options
+    minimum = maximum = None
+    if options.adaptive:
+        minimum = options.adaptive_minimum or 1
+        maximum = options.adaptive_maximum or config.workers
+        if maximum is None:
+            raise ConfigError(
+                None,
+                "adaptive scaling (cluster_options.adaptive_minimum) needs a maximum number of workers",
+                "add adaptive_maximum to cluster_options (or give --workers)",
+            )
+        if maximum < minimum:
+            raise ConfigError(None, f"adaptive_minimum ({minimum}) is above the maximum ({maximum})",
+                              "give adaptive_maximum at least adaptive_minimum")
+        if config.workers is not None and options.adaptive_maximum is not None:
+            log.warning("--workers is ignored with adaptive scaling (cluster_options.adaptive_minimum/maximum)")
+    arguments = jobqueue_arguments(config)
+    try:
+        cluster = cls(**arguments)
+    except ValueError as exc:  # a setting dask-jobqueue refuses
+        raise ConfigError(
+            None,
+            f"dask-jobqueue could not set up the {config.cluster} cluster ({exc})".replace("\n", " "),
+            f"fix cluster_options in the --config YAML or jobqueue.{config.cluster} in ~/.config/dask/jobqueue.yaml",
         ) from None
-    cluster.scale(n=config.workers or 1)
-    return cluster
+    try:
+        _check_job_script(cluster, config.cluster)
+        if maximum is not None:
+            cluster.adapt(minimum=minimum, maximum=maximum)
+            scaling = f"adaptive, {minimum}-{maximum} workers"
+        elif config.workers is not None:
+            cluster.scale(n=config.workers)
+            scaling = f"{config.workers} worker(s)"
+        else:
+            cluster.scale(jobs=1)
+            scaling = "1 job"
+    except BaseException:
+        cluster.close()
+        raise
+    threads = arguments["cores"] // arguments["processes"]
+    queue = f", queue {options.queue}" if options.queue else ""
+    description = (
+        f"{config.cluster} cluster via dask-jobqueue: {scaling}; jobs of {arguments['cores']} core(s), "
+        f"{arguments['memory']}, {arguments['processes']} worker(s) x {threads} thread(s){queue}"
+    )
+    return cluster, description
+
+
+def _wait_for_jobqueue(client: Client, cluster: Any, name: str) -> None:
+    """Wait for the first SLURM/PBS worker, however long the queue holds its job (hours are
+    normal on a busy cluster), saying every :data:`JOBQUEUE_POLL_S` what it waits for. Jobs
+    that could not even be submitted end the wait with an error (dask-jobqueue only logs it)."""
+    started = time.monotonic()
+    while True:
+        try:
+            client.wait_for_workers(1, timeout=JOBQUEUE_POLL_S)
+            return
+        except TimeoutError:
+            pass
+        jobs = list(cluster.workers.values())
+        submitted = [str(job.job_id) for job in jobs if getattr(job, "job_id", None)]
+        if jobs and not submitted:
+            raise ConfigError(
+                None,
+                f"no {name} worker job could be submitted (see the dask-jobqueue error above)",
+                f"check cluster_options in the --config YAML against `{'sinfo' if name == 'slurm' else 'qstat -Q'}`",
+            )
+        log.warning(
+            "no %s worker yet after %.0f s: waiting for job(s) %s to start (`%s` shows them)",
+            name, time.monotonic() - started, ", ".join(submitted) or "(being submitted)",
+            "squeue --me" if name == "slurm" else "qstat -u $USER",
+        )
 
 
 def _connect_timeout() -> float:
@@ -191,8 +348,8 @@ def open_client(config: RunConfig) -> Iterator[RunCluster]:
             client.close()
         return
     if config.cluster != "local":
-        cluster = _start_jobqueue(config)
-        torch_threads, description = 1, f"{config.cluster} cluster via dask-jobqueue"
+        cluster, description = _start_jobqueue(config)
+        torch_threads = 1
     else:
         layout = local_layout(config)
         cluster = LocalCluster(
@@ -212,7 +369,7 @@ def open_client(config: RunConfig) -> Iterator[RunCluster]:
         client = Client(cluster)
         try:
             if config.cluster != "local":
-                client.wait_for_workers(1, timeout=None)
+                _wait_for_jobqueue(client, cluster, config.cluster)
             dashboard = client.dashboard_link if _dashboard_address() else None
             yield RunCluster(client, torch_threads, description, dashboard)
         finally:
