@@ -107,35 +107,62 @@ def completed_jobs(cluster: SlurmCluster) -> list[dict[str, str]]:
     return records
 
 
-@pytest.mark.slurm
-def test_a_slurm_run_equals_a_local_run_and_slurm_ran_the_workers(
-    tmp_path: Path, slurm: SlurmCluster, assets: dict[str, Path]
-) -> None:
-    local = subprocess.run(command(assets, tmp_path / "local", "--workers", "1"), capture_output=True, text=True,
-                           env=ENV, cwd=tmp_path, timeout=RUN_TIMEOUT_S)
-    assert local.returncode == 0, local.stderr
-    jobs_log = tmp_path / "jobs"
+@pytest.fixture(scope="module")
+def local_reference(tmp_path_factory: pytest.TempPathFactory, assets: dict[str, Path]) -> Path:
+    """The small slide run on a LocalCluster of one worker: what every SLURM run must reproduce."""
+    out = tmp_path_factory.mktemp("local") / "out"
+    result = subprocess.run(command(assets, out, "--workers", "1"), capture_output=True, text=True, env=ENV,
+                            cwd=out.parent, timeout=RUN_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def slurm_run(tmp_path: Path, slurm: SlurmCluster, assets: dict[str, Path], **options: object
+              ) -> tuple[str, set[str], list[dict[str, str]]]:
+    """Run the small slide with ``--cluster slurm`` and ``options`` as cluster_options; return
+    the CLI's stdout, what squeue showed meanwhile and the jobs SLURM finished for it."""
     config = job_config(tmp_path / "cluster.yaml", queue=slurm.partition, cores=1, memory="2GB",
-                        walltime="00:10:00", interface="lo", log_directory=str(jobs_log))
+                        walltime="00:10:00", interface="lo", log_directory=str(tmp_path / "jobs"), **options)
     before = {record.get("JobId") for record in completed_jobs(slurm)}
     code, out, err, seen = run_watching_squeue(
-        command(assets, tmp_path / "slurm", "--cluster", "slurm", "--config", str(config)), slurm, tmp_path
+        command(assets, tmp_path / "out", "--cluster", "slurm", "--config", str(config)), slurm, tmp_path
     )
     assert code == 0, err
-    assert "1 done" in out and "slurm cluster via dask-jobqueue: 1 job; jobs of 1 core(s), 2GB" in out, out
-
-    assert_same_results(tmp_path / "local" / "small", tmp_path / "slurm" / "small", "small")
-    # SLURM ran the worker: squeue showed it running, its log says it ended, none is left queued.
-    assert "dask-worker RUNNING" in seen, seen
-    ours = [record for record in completed_jobs(slurm) if record.get("JobId") not in before]
-    assert [record["Name"] for record in ours] == ["dask-worker"], ours
-    assert ours[0]["JobState"] in ("CANCELLED", "COMPLETED") and ours[0]["Partition"] == slurm.partition, ours
-    assert "cpu=1,mem=2G" in ours[0]["Tres"], ours
+    assert "1 done" in out, out
+    # cluster.close() cancelled every worker job: none is left queued or running.
     assert slurm.run("squeue", "-h", "-t", "PD,R,CG", "-o", "%i").stdout.strip() == ""
+    return out, seen, [record for record in completed_jobs(slurm) if record.get("JobId") not in before]
+
+
+@pytest.mark.slurm
+def test_a_slurm_run_equals_a_local_run_and_slurm_ran_the_worker(
+    tmp_path: Path, slurm: SlurmCluster, assets: dict[str, Path], local_reference: Path
+) -> None:
+    out, seen, jobs = slurm_run(tmp_path, slurm, assets)
+    assert "slurm cluster via dask-jobqueue: 1 job; jobs of 1 core(s), 2GB, 1 worker(s) x 1 thread(s)" in out, out
+    assert_same_results(local_reference / "small", tmp_path / "out" / "small", "small")
+    # SLURM ran the worker: squeue showed it running, its completion log has it, as asked.
+    assert "dask-worker RUNNING" in seen, seen
+    assert [job["Name"] for job in jobs] == ["dask-worker"], jobs
+    assert jobs[0]["JobState"] in ("CANCELLED", "COMPLETED") and jobs[0]["Partition"] == slurm.partition, jobs
+    assert "cpu=1,mem=2G" in jobs[0]["Tres"] and jobs[0]["TimeLimit"] == "10", jobs
     # The job's stdout/stderr went to log_directory, not into the folder the run started from.
-    job_id = ours[0]["JobId"]
-    assert (jobs_log / f"dask-worker-{job_id}.out").is_file() and (jobs_log / f"dask-worker-{job_id}.err").is_file()
+    job_id = jobs[0]["JobId"]
+    assert (tmp_path / "jobs" / f"dask-worker-{job_id}.out").is_file()
+    assert (tmp_path / "jobs" / f"dask-worker-{job_id}.err").is_file()
     assert not list(tmp_path.glob("slurm-*.out"))
+
+
+@pytest.mark.slurm
+def test_adaptive_scaling_runs_jobs_between_minimum_and_maximum(
+    tmp_path: Path, slurm: SlurmCluster, assets: dict[str, Path], local_reference: Path
+) -> None:
+    out, seen, jobs = slurm_run(tmp_path, slurm, assets, adaptive_minimum=1, adaptive_maximum=2)
+    assert "slurm cluster via dask-jobqueue: adaptive, 1-2 workers" in out, out
+    assert_same_results(local_reference / "small", tmp_path / "out" / "small", "small")
+    # How many jobs adaptive scaling asks for depends on the tiles' durations: 1 or 2.
+    assert "dask-worker RUNNING" in seen, seen
+    assert 1 <= len(jobs) <= 2 and {job["Name"] for job in jobs} == {"dask-worker"}, jobs
 
 
 @pytest.mark.slurm
