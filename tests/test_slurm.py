@@ -252,3 +252,20 @@ def test_bad_cluster_options_name_the_key(tmp_path: Path) -> None:
     path.write_text("cluster_options:\n  job-extra-directives: ['--gres=gpu:1']\n  adaptive-maximum: 4\n")
     options = load_run_config(path, environ={}).cluster_options
     assert options.job_extra_directives == ("--gres=gpu:1",) and options.adaptive and options.adaptive_maximum == 4
+
+
+def test_a_job_that_cannot_be_submitted_ends_the_wait(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PBS has no --test-only: a qsub that refuses the job (here a stand-in that always does)
+    must end the wait for the first worker with an error, not leave the run waiting forever."""
+    pytest.importorskip("dask_jobqueue")
+    from wsi_pipeline import schedule
+
+    qsub = tmp_path / "bin" / "qsub"
+    qsub.parent.mkdir()
+    qsub.write_text("#!/bin/sh\necho 'qsub: Unknown queue' >&2\nexit 1\n", encoding="utf-8")
+    qsub.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{qsub.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(schedule, "JOBQUEUE_POLL_S", 0.5)  # and say that it waits, on the way
+    config = RunConfig(cluster="pbs", cluster_options=ClusterOptions(cores=1, memory="1GB", interface="lo"))
+    with pytest.raises(ConfigError, match="no pbs worker job could be submitted"), schedule.open_client(config):
+        pass

@@ -107,6 +107,7 @@ def local_layout(config: RunConfig, cpus: int | None = None) -> Layout:
 
 
 JOBQUEUE_POLL_S = 60.0  # how often the wait for the first SLURM/PBS worker says what it waits for
+JOBQUEUE_CHECK_S = 2.0  # how often it checks that the jobs were submitted
 
 
 def _jobqueue_default(cluster: str, key: str) -> Any:
@@ -262,27 +263,35 @@ def _start_jobqueue(config: RunConfig) -> tuple[Any, str]:
 def _wait_for_jobqueue(client: Client, cluster: Any, name: str) -> None:
     """Wait for the first SLURM/PBS worker, however long the queue holds its job (hours are
     normal on a busy cluster), saying every :data:`JOBQUEUE_POLL_S` what it waits for. Jobs
-    that could not even be submitted end the wait with an error (dask-jobqueue only logs it)."""
-    started = time.monotonic()
+    that could not even be submitted end the wait with an error within seconds
+    (dask-jobqueue only logs the submit command's failure)."""
+    from distributed.core import Status
+
+    started = last_said = time.monotonic()
     while True:
         try:
-            client.wait_for_workers(1, timeout=JOBQUEUE_POLL_S)
+            client.wait_for_workers(1, timeout=JOBQUEUE_CHECK_S)
             return
         except TimeoutError:
             pass
+        # A job dask-jobqueue tried to start holds the batch system's id once submitted.
         jobs = list(cluster.workers.values())
         submitted = [str(job.job_id) for job in jobs if getattr(job, "job_id", None)]
         if jobs and not submitted:
+            for job in jobs:  # never started: what closing the cluster expects of such a job
+                job.status = Status.failed
             raise ConfigError(
                 None,
-                f"no {name} worker job could be submitted (see the dask-jobqueue error above)",
+                f"no {name} worker job could be submitted (the submit command's error is above)",
                 f"check cluster_options in the --config YAML against `{'sinfo' if name == 'slurm' else 'qstat -Q'}`",
             )
-        log.warning(
-            "no %s worker yet after %.0f s: waiting for job(s) %s to start (`%s` shows them)",
-            name, time.monotonic() - started, ", ".join(submitted) or "(being submitted)",
-            "squeue --me" if name == "slurm" else "qstat -u $USER",
-        )
+        if time.monotonic() - last_said >= JOBQUEUE_POLL_S:
+            last_said = time.monotonic()
+            log.warning(
+                "no %s worker yet after %.0f s: waiting for job(s) %s to start (`%s` shows them)",
+                name, last_said - started, ", ".join(submitted) or "(being submitted)",
+                "squeue --me" if name == "slurm" else "qstat -u $USER",
+            )
 
 
 def _connect_timeout() -> float:
