@@ -98,9 +98,9 @@ def test_patch_grid_reproduces_a_per_pixel_function_exactly(shape, sizes, batch)
     np.testing.assert_allclose(maps.np_prob, expected.np_prob, atol=1e-6)
     np.testing.assert_allclose(maps.hv, expected.hv, atol=1e-6)
     np.testing.assert_allclose(maps.tp_prob, expected.tp_prob, atol=1e-6)
-    # Streaming: never more than one batch in flight, every patch exactly once.
-    n_patches = -(-shape[0] // sizes[1]) * -(-shape[1] // sizes[1])
-    assert max(probe.seen) <= batch and sum(probe.seen) == n_patches
+    # Streaming: never more than one batch in flight, every window exactly once.
+    n_windows = inferer.plan(shape[0]).count * inferer.plan(shape[1]).count
+    assert max(probe.seen) <= batch and sum(probe.seen) == n_windows
 
 
 def test_model_without_type_branch_gives_no_tp_map():
@@ -227,7 +227,7 @@ def model_factory(he_tile: np.ndarray):
 @pytest.fixture(scope="module")
 def reference(model_factory, he_crop) -> Maps:
     """fp32 eager, contiguous NCHW: the reference every fast path is measured against."""
-    return TileInferer(model_factory(), InferenceConfig(channels_last=False, batch_size=4)).infer(he_crop)
+    return TileInferer(model_factory(), InferenceConfig(channels_last=False, batch_size=4, window=256)).infer(he_crop)
 
 
 def test_real_model_maps_are_well_formed(reference, he_crop):
@@ -241,19 +241,20 @@ def test_real_model_maps_are_well_formed(reference, he_crop):
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_batch_size_does_not_change_results(model_factory, he_crop, reference, batch):
-    maps = TileInferer(model_factory(), InferenceConfig(channels_last=False, batch_size=batch)).infer(he_crop)
+    config = InferenceConfig(channels_last=False, batch_size=batch, window=256)
+    maps = TileInferer(model_factory(), config).infer(he_crop)
     assert not TOLERANCE_FP32.violations(compare_maps(reference, maps))
 
 
 def test_channels_last_matches_fp32_eager(model_factory, he_crop, reference):
-    maps = TileInferer(model_factory(), InferenceConfig(channels_last=True)).infer(he_crop)
+    maps = TileInferer(model_factory(), InferenceConfig(channels_last=True, window=256)).infer(he_crop)
     diff = compare_maps(reference, maps)
     assert not TOLERANCE_FP32.violations(diff), diff
     print("channels_last vs fp32 eager:", {k: round(v, 7) for k, v in diff.items()})
 
 
 def test_bf16_matches_fp32_eager_within_documented_tolerance(model_factory, he_crop, reference):
-    inferer = TileInferer(model_factory(), InferenceConfig(bf16=True))
+    inferer = TileInferer(model_factory(), InferenceConfig(bf16=True, window=256))
     assert inferer.uses_bf16
     maps = inferer.infer(he_crop)
     diff = compare_maps(reference, maps)
@@ -268,7 +269,117 @@ def test_bf16_matches_fp32_eager_within_documented_tolerance(model_factory, he_c
 def test_compile_matches_fp32_eager(model_factory, he_crop, reference, bf16):
     t0 = time.perf_counter()
     # batch 3 over 4 patches: the padded short final batch must not leak into the maps.
-    maps = TileInferer(model_factory(), InferenceConfig(compile=True, batch_size=3, bf16=bf16)).infer(he_crop)
+    config = InferenceConfig(compile=True, batch_size=3, bf16=bf16, window=256)
+    maps = TileInferer(model_factory(), config).infer(he_crop)
     diff = compare_maps(reference, maps)
     tolerance = TOLERANCE_BF16 if bf16 else TOLERANCE_FP32
     assert not tolerance.violations(diff), (diff, time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------- windows
+@pytest.mark.parametrize("window", [256, 512, 768, 1024])
+def test_window_plans_cover_each_pixel_once_on_the_stride_grid(window):
+    inferer = TileInferer(ProbeNet(), InferenceConfig(window=window)) if window == 256 else None
+    from wsi_pipeline.engine.model import ChannelSpec, HoVerNet
+
+    model = HoVerNet(mode="fast", num_types=None, spec=ChannelSpec.scaled(0.125, "fast"))
+    inferer = TileInferer(model, InferenceConfig(window=window))
+    for length in [47, 164, 165, 500, 676, 677, 1312, 1648, 2000, 3001]:
+        plan = inferer.plan(length)
+        assert plan.coverage >= length and plan.output <= window - 92
+        assert inferer.output_for(plan.output + 92) == plan.output  # a size the network takes
+        if plan.count > 1:
+            assert plan.step % 8 == 0 and plan.trim >= 8  # every window on the same stride phase
+        covered = np.zeros(length, int)
+        for start, first, end in plan.spans():
+            assert start % 8 == 0 and start <= first < end
+            covered[first:end] += 1
+        assert (covered == 1).all(), (length, plan)
+
+
+def test_a_window_that_does_not_fit_is_refused_naming_the_valid_ones(model_factory):
+    with pytest.raises(ConfigError, match=r"window 250 px does not fit.*use one of 96, 104, 112"):
+        TileInferer(model_factory(), InferenceConfig(window=250))
+
+
+def test_windows_do_not_change_interior_predictions(he_tile):
+    """The shipped default, on a real H&E tile: 256 px patches, 512 and 768 px windows and
+    one whole-tile window give the same maps away from the image border (the module doc's
+    measurement: only the stride phase and a window's outer 8 px matter, both handled)."""
+    from wsi_pipeline.engine.weights import load_model
+
+    image = he_tile[:600, :560]
+    maps = {
+        w: TileInferer(load_model("hovernet-fast-w025-imp90"), InferenceConfig(window=w, batch_size=4)).infer(image)
+        for w in (256, 512, 768, 744)
+    }
+    inner = (slice(60, -60), slice(60, -60))
+    ref = maps[256]
+    for window, other in maps.items():
+        a, b = ref.np_prob[inner], other.np_prob[inner]
+        assert float(np.abs(a - b).mean()) < 1e-4 and float(np.abs(a - b).max()) < 2e-2, window
+        assert float(np.abs(ref.hv[(slice(None), *inner)] - other.hv[(slice(None), *inner)]).mean()) < 1e-3, window
+        assert ((a > 0.5) != (b > 0.5)).mean() < 1e-4, window
+
+
+# ----------------------------------------------------------------------------- OpenVINO
+openvino = pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install openvino)")
+
+
+@pytest.fixture()
+def ov_cache(tmp_path, monkeypatch) -> Path:
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("WSI_PIPELINE_CACHE", str(folder))
+    return folder / "openvino"
+
+
+def test_openvino_matches_torch_fp32_and_caches_the_conversion(model_factory, he_crop, reference, ov_cache):
+    first = TileInferer(model_factory(), InferenceConfig(runtime="openvino", window=256))
+    assert first.runtime.name == "openvino" and first.runtime.precision == "f32"
+    assert not first.runtime.converted_from_cache
+    diff = compare_maps(reference, first.infer(he_crop))
+    assert not TOLERANCE_FP32.violations(diff), diff
+    assert len(list(ov_cache.glob("*.xml"))) == 1
+    again = TileInferer(model_factory(), InferenceConfig(runtime="auto", window=256))
+    assert again.runtime.name == "openvino" and again.runtime.converted_from_cache
+    assert not TOLERANCE_FP32.violations(compare_maps(reference, again.infer(he_crop)))
+
+
+def test_openvino_bf16_within_the_bf16_tolerance(model_factory, he_crop, reference, ov_cache):
+    inferer = TileInferer(model_factory(), InferenceConfig(runtime="openvino", bf16=True, window=256))
+    assert inferer.runtime.precision == "bf16"
+    diff = compare_maps(reference, inferer.infer(he_crop))
+    assert not TOLERANCE_BF16.violations(diff), diff
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_corrupt_conversion_cache_is_rebuilt_not_fatal(model_factory, he_crop, reference, ov_cache, damage, caplog):
+    TileInferer(model_factory(), InferenceConfig(runtime="openvino", window=256))
+    (xml,) = ov_cache.glob("*.xml")
+    if damage == "truncated":
+        xml.write_bytes(xml.read_bytes()[: len(xml.read_bytes()) // 3])
+    else:
+        xml.with_suffix(".bin").write_bytes(b"not a model")
+        xml.write_text("<net>garbage</")
+    inferer = TileInferer(model_factory(), InferenceConfig(runtime="openvino", window=256))
+    assert inferer.runtime.name == "openvino" and not inferer.runtime.converted_from_cache
+    assert "unreadable" in caplog.text
+    assert not TOLERANCE_FP32.violations(compare_maps(reference, inferer.infer(he_crop)))
+    assert TileInferer(model_factory(), InferenceConfig(runtime="openvino", window=256)).runtime.converted_from_cache
+
+
+class Untraceable(ProbeNet):
+    """A HoVer-Net-shaped module whose forward leaves torch for numpy: no graph to convert."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = super().forward(x)
+        out["np"] = torch.from_numpy(out["np"].detach().numpy().copy())
+        return out
+
+
+def test_a_model_openvino_cannot_convert_falls_back_to_torch_with_one_warning(ov_cache):
+    image = np.random.default_rng(2).integers(0, 256, (200, 200, 3), dtype=np.uint8)
+    with pytest.warns(RuntimeWarning, match=r"OpenVINO cannot convert model my-probe .*running it with torch"):
+        inferer = TileInferer(Untraceable(), InferenceConfig(runtime="auto"), label="my-probe")
+    assert inferer.runtime.name == "torch"
+    np.testing.assert_allclose(inferer.infer(image).np_prob, probe_expected(image, inferer.context).np_prob, atol=1e-6)

@@ -40,6 +40,8 @@ def test_every_option_has_a_flag_of_its_name() -> None:
         "batch_size": "8",
         "device": "cpu",
         "bf16": "auto",
+        "runtime": "openvino",
+        "window": "1024",
         "workers": "3",
         "threads_per_worker": "2",
         "scheduler": "tcp://127.0.0.1:8786",

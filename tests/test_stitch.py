@@ -366,7 +366,7 @@ def test_sinks_and_stats(mosaic: Mosaic) -> None:
     assert [n.label for n in first] == [n.label for n in second] == list(range(1, stats.nuclei + 1))
     assert stats.tiles == len(tiles) == len(stats.tile_seconds) == sum(stats.workers.values())
     assert stats.per_type == {0: stats.nuclei}  # no TP branch: type 0
-    assert set(stats.seconds) == {"read", "infer", "postprocess", "stitch", "write"}
+    assert set(stats.seconds) == {"setup", "read", "infer", "postprocess", "stitch", "write"}
     assert stats.seconds["read"] == pytest.approx(sum(r.seconds["read"] for r in results))
     assert json.loads(json.dumps(stats.to_dict()))["per_type"] == {"0": stats.nuclei}
 

@@ -72,26 +72,26 @@ def test_default_margin_adds_nucleus_postproc_and_network_reach() -> None:
     fast = tiny_model()
     assert postproc_reach() == 10 + 4 + 1
     assert postproc_reach(PostprocConfig(sobel_ksize=11, marker_open_size=3)) == 5 + 2 + 1
-    # 25 µm at 0.25 µm/px = 100 px, + 15 + 46 = 161, rounded up to the 164 px output patch
-    assert default_margin(fast, mpp=0.25) == 164
-    assert default_margin(fast, mpp=0.25, max_nucleus_um=30) == 328  # 120 + 61 = 181
+    # 25 µm at 0.25 µm/px = 100 px, + 15 + 46 = 161, rounded up to the 8 px stride grid
+    assert default_margin(fast, mpp=0.25) == 168
+    assert default_margin(fast, mpp=0.25, max_nucleus_um=30) == 184  # 120 + 61 = 181
     fast.meta = {"mpp": 0.5}
-    assert default_margin(fast) == 164  # 50 + 61 = 111
+    assert default_margin(fast) == 112  # 50 + 61 = 111
     original = HoVerNet("original", 5, ChannelSpec.scaled(0.0625, "original", round_to=4))
     assert (original.input_size, original.output_size) == (270, 80)
-    assert default_margin(original, mpp=0.25) == 240  # 100 + 15 + 95 = 210 -> 3 x 80
+    assert default_margin(original, mpp=0.25) == 216  # 100 + 15 + 95 = 210
     with pytest.raises(ValueError):
         default_margin(fast, mpp=0.0)
 
 
 # ----------------------------------------------------------------------------- engine maps
 def test_aligned_patch_grid_gives_the_whole_image_maps(crop: tuple[np.ndarray, np.ndarray]) -> None:
-    """A tile's maps equal a whole-image run's wherever its patches see real pixels.
+    """A tile's maps equal a whole-image run's wherever its windows see real pixels.
 
-    Tile (1, 1) of a 150 px grid with 100 px margin reads [50, 400)^2; the aligned
-    patches [164, 328) take their input from [118, 374), inside the read, so their
-    output must be bit-identical to the whole image's. Without alignment the same
-    pixels fall elsewhere in their patches and a random network disagrees wildly.
+    Tile (1, 1) of a 150 px grid with 100 px margin reads [50, 400)^2, 2 px off the
+    stride grid; aligned, the pixels [164, 328) are predicted at the whole image's
+    stride phase and agree with it. Without alignment the same pixels fall on another
+    phase and a random network disagrees wildly.
     """
     image = np.ascontiguousarray(crop[0][:492, :492])
     inferer = TileInferer(tiny_model(), InferenceConfig(threads=1))
@@ -114,7 +114,9 @@ def test_aligned_patch_grid_gives_the_whole_image_maps(crop: tuple[np.ndarray, n
             / float(np.abs(whole.hv).max()),
         )
 
-    assert gap(aligned) <= 1e-5  # measured: 0.0
+    # Different windows (one whole-image window vs the tile's), same stride phase: measured
+    # 1e-4 with this random network (trained ones are tamer, see test_infer's window test).
+    assert gap(aligned) <= 1e-3
     assert gap(unaligned) > 0.1  # measured: 1.0
 
 
@@ -133,7 +135,8 @@ def test_process_tile_with_a_model(crop: tuple[np.ndarray, np.ndarray], model_pa
         assert result.core_labels.dtype == np.int32
         assert result.core_labels.shape == (tile.core.height, tile.core.width)
         assert result.core_labels.min() >= 0 and result.core_labels.max() <= len(result.nuclei)
-        assert set(result.seconds) == {"read", "infer", "postprocess"}
+        assert set(result.seconds) == {"setup", "read", "infer", "postprocess"}
+        assert result.engine == "torch f32"
         assert ":" in result.worker
         for nucleus in result.nuclei:
             x, y = nucleus.centroid

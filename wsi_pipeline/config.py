@@ -45,7 +45,8 @@ CLI_SOURCE = "command line"
 # The options that change the outputs; scheduling options (workers, scheduler...) and the
 # batch size do not. The model is compared by its file checksum, not by how it was named.
 RESULT_OPTIONS = (
-    "tile_size", "margin", "device", "bf16", "runtime", "window", "mpp", "target_mpp", "backend", "geojson", "zarr_image"
+    "tile_size", "margin", "device", "bf16", "runtime", "window", "mpp", "target_mpp", "backend", "geojson",
+    "zarr_image",
 )
 
 
@@ -131,7 +132,7 @@ class RunConfig(BaseModel):
     ``None`` means "derived at run time": the default model from the registry, the margin
     from the model and post-processing reach, the worker layout from the machine, the
     inference µm/px from the checkpoint, the in-flight bound from the worker threads, the
-    tile size from the model's output patch (see :func:`wsi_pipeline.batch.default_tile_size`).
+    tile size from a measured default (see :func:`wsi_pipeline.batch.default_tile_size`).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())

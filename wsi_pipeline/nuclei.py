@@ -93,8 +93,9 @@ class TileResult:
     ``core_labels``: int32 (core.height, core.width) at the inference resolution, value
     ``i + 1`` (= ``nuclei[i].label``) where ``nuclei[i]`` covers the pixel, 0 elsewhere.
     ``spill``: ``(u0, v0, patch)`` pieces of owned nuclei outside the core, top-left
-    corner in slide-global target pixels, same values. ``seconds``: {"read", "infer",
-    "postprocess"}; the last includes ownership and the geometry conversions.
+    corner in slide-global target pixels, same values. ``seconds``: {"setup", "read",
+    "infer", "postprocess"}; the last includes ownership and the geometry conversions.
+    ``engine``: how the maps were computed, e.g. ``"openvino bf16"`` (reports count them).
     """
 
     index: int
@@ -104,3 +105,4 @@ class TileResult:
     edge_touching: int
     seconds: dict[str, float]
     worker: str
+    engine: str = ""

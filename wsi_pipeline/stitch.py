@@ -88,6 +88,7 @@ class StitchStats:
     tiles: int = 0
     tile_seconds: list[float] = field(default_factory=list)
     workers: dict[str, int] = field(default_factory=dict)
+    engines: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -127,7 +128,9 @@ class Stitcher:
         self._early: dict[int, TileResult] = {}  # position -> result waiting for its turn
         self._pending: dict[int, list[tuple[int, int, np.ndarray]]] = {}  # position -> spill pieces
         self._next_id = 1
-        self._stats = StitchStats(seconds={"read": 0.0, "infer": 0.0, "postprocess": 0.0, "stitch": 0.0, "write": 0.0})
+        self._stats = StitchStats(
+            seconds={"setup": 0.0, "read": 0.0, "infer": 0.0, "postprocess": 0.0, "stitch": 0.0, "write": 0.0}
+        )
 
     @property
     def buffered(self) -> int:
@@ -210,7 +213,9 @@ class Stitcher:
         stats.tiles += 1
         stats.edge_touching += result.edge_touching
         stats.workers[result.worker] = stats.workers.get(result.worker, 0) + 1
-        for stage in ("read", "infer", "postprocess"):
+        if result.engine:
+            stats.engines[result.engine] = stats.engines.get(result.engine, 0) + 1
+        for stage in ("setup", "read", "infer", "postprocess"):
             stats.seconds[stage] += float(result.seconds.get(stage, 0.0))
         stats.tile_seconds.append(sum(float(result.seconds.get(s, 0.0)) for s in ("read", "infer", "postprocess")))
         stats.seconds["write"] += write

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from wsi_pipeline.engine.infer import InferenceConfig, Maps, TileInferer
+from wsi_pipeline.engine.infer import ALIGN, InferenceConfig, Maps, TileInferer
 from wsi_pipeline.engine.postproc import PostprocConfig, postprocess
 from wsi_pipeline.nuclei import Nucleus, TileResult
 from wsi_pipeline.slide.base import Slide, SlideSpec
@@ -137,7 +137,8 @@ def get_inferer(model_path: str, infer: InferenceConfig | None = None) -> TileIn
             return inferer
         # One model per (checkpoint, config): the engine moves the model to its device
         # and memory layout in place, so two configs cannot share one copy safely.
-        inferer = TileInferer(load_model(key[0], device=config.device), config)
+        model = load_model(key[0], device=config.device)
+        inferer = TileInferer(model, config, label=str(model.meta.get("name") or key[0]))
         with _counts_lock:
             _counts["models_loaded"] += 1
         _inferers[key] = inferer
@@ -193,7 +194,7 @@ def default_margin(
     max_nucleus_um: float = MAX_NUCLEUS_UM,
 ) -> int:
     """Margin (px at the inference µm/px) that keeps every owned nucleus whole and away
-    from the read edge, rounded up to a multiple of the model's output patch size.
+    from the read edge, rounded up to a multiple of the encoder's stride (8 px).
 
     Sum of three reaches, from the core edge outwards:
 
@@ -205,11 +206,11 @@ def default_margin(
       prediction is only the whole-slide one if its own context, ``(input - output)
       / 2`` px (46 for HoVer-Net fast), is real tissue.
 
-    Rounded up to a multiple of the model's output size (164 px in fast mode) because
-    the worker aligns the engine's patch grid to the slide (see :func:`process_tile`),
-    which costs nothing when the read origin already lies on it, i.e. when both the
-    tile size and the margin are multiples of the output size. HoVer-Net fast at
-    0.25 µm/px: 100 + 15 + 46 = 161 -> 164 px.
+    Rounded up to a multiple of :data:`~wsi_pipeline.engine.infer.ALIGN` because the
+    worker puts the engine's windows on the slide-wide stride grid (see
+    :func:`process_tile`), which costs nothing when the read origin already lies on it,
+    i.e. when both the tile size and the margin are multiples of 8. HoVer-Net fast at
+    0.25 µm/px: 100 + 15 + 46 = 161 -> 168 px.
 
     ``model``: a loaded HoVer-Net, or anything with ``input_size``/``output_size``
     (and a ``meta["mpp"]`` when ``mpp`` is not given).
@@ -222,7 +223,7 @@ def default_margin(
     input_size, output_size = int(model.input_size), int(model.output_size)
     context = (input_size - output_size) // 2
     need = math.ceil(max_nucleus_um / mpp - 1e-9) + postproc_reach(postproc) + context
-    return math.ceil(need / output_size) * output_size
+    return math.ceil(need / ALIGN) * ALIGN
 
 
 # ----------------------------------------------------------------------------- the tile
@@ -234,13 +235,12 @@ def process_tile(task: TileTask, maps_fn: MapsFn | None = None) -> TileResult:
     for alternative engines such as maps derived from ground-truth labels (stitching
     checks, post-processing upper bounds); with it, ``task.model_path`` is not loaded.
 
-    The engine's patch grid is aligned to the slide: the read image is mirrored by
-    ``read.x0 % output_size`` (and y) px on the left/top before inference and the maps
-    cropped back, so every tile cuts its patches exactly where a whole-slide run
-    would. Without that, a prediction would depend on where its pixel falls inside
-    a patch (the encoder's zero padding), i.e. on the tiling. The cost is at most one
-    extra row and column of patches, none when tile size and margin are multiples of
-    the output size (:func:`default_margin` is).
+    The engine's windows are aligned to the slide's stride grid: the read image is
+    mirrored by ``read.x0 % 8`` (and y) px on the left/top before inference and the maps
+    cropped back, so every window sees its pixels at the phase a whole-slide run would.
+    Without that, a prediction would depend on the tiling (the encoder's stride-8
+    sampling; see :mod:`wsi_pipeline.engine.infer`). Nothing is padded when tile size
+    and margin are multiples of 8 (:func:`default_margin` is).
     """
     tile = task.tile
     seconds: dict[str, float] = {}
@@ -250,11 +250,21 @@ def process_tile(task: TileTask, maps_fn: MapsFn | None = None) -> TileResult:
     slide_w, slide_h = slide.size_at(task.mpp)
     seconds["read"] = time.perf_counter() - start
 
-    start = time.perf_counter()
     if maps_fn is not None:
+        start = time.perf_counter()
         maps = maps_fn(rgb, task)
     else:
-        maps = model_maps(get_inferer(task.model_path, task.infer), rgb, tile.read)
+        # Start-up is its own stage: the model load and runtime conversion of a worker's
+        # first tile, and each new window shape's compilation, are not inference.
+        start = time.perf_counter()
+        inferer = get_inferer(task.model_path, task.infer)
+        compiled_before = float(getattr(inferer.runtime, "compile_seconds", 0.0))
+        seconds["setup"] = time.perf_counter() - start
+        start = time.perf_counter()
+        maps = model_maps(inferer, rgb, tile.read)
+        compiled = float(getattr(inferer.runtime, "compile_seconds", 0.0)) - compiled_before
+        seconds["setup"] += compiled
+        start += compiled
     del rgb
     if maps.np_prob.shape != (tile.read.height, tile.read.width):
         raise ValueError(f"maps of shape {maps.np_prob.shape} for a {tile.read.height}x{tile.read.width} read region")
@@ -267,13 +277,15 @@ def process_tile(task: TileTask, maps_fn: MapsFn | None = None) -> TileResult:
     del post
     seconds["postprocess"] = time.perf_counter() - start
     out.seconds = seconds
+    if maps_fn is None:
+        out.engine = f"{inferer.runtime.name} {inferer.runtime.precision}"
     return out
 
 
 def model_maps(inferer: TileInferer, rgb: np.ndarray, read: PixelBox) -> Maps:
-    """The engine's maps for the read region, with the patch grid aligned to the slide."""
+    """The engine's maps for the read region, its windows on the slide-wide stride grid."""
     height, width = rgb.shape[:2]
-    step = inferer.output_size
+    step = ALIGN
     sx, sy = read.x0 % step, read.y0 % step
     # A read smaller than the engine accepts (a sliver of a tiny slide) is padded with
     # glass-white below/right; those pixels are cropped away with the rest.

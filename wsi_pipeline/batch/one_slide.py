@@ -38,7 +38,7 @@ from wsi_pipeline.batch.marker import (
 )
 from wsi_pipeline.batch.plan import ModelInfo, resolved_config, zarr_chunk
 from wsi_pipeline.config import RunConfig
-from wsi_pipeline.engine.infer import InferenceConfig
+from wsi_pipeline.engine.infer import DEFAULT_WINDOW, InferenceConfig, bf16_native_note
 from wsi_pipeline.errors import WsiPipelineError
 from wsi_pipeline.schedule import RunCluster, stream_tiles
 from wsi_pipeline.slide import DEFAULT_MASK_MPP, SlideSpec, tissue_mask
@@ -59,6 +59,10 @@ class SlideRun:
     config_checksum: str
     max_in_flight: int
     on_tile: Callable[[Any], None] | None = None
+    # The run's own start-up, seconds: "model" (load and check in the driver), "cluster"
+    # (workers up). Charged to the first slide the run processes (see process_slide).
+    startup: dict[str, float] = field(default_factory=dict)
+    startup_charged: bool = False
 
 
 @dataclass
@@ -110,6 +114,21 @@ def slide_warnings(tissue_mm2: float, tiles: int, nuclei: int, upsampled: bool, 
     return warnings
 
 
+def engine_description(config: RunConfig, used: dict[str, int]) -> dict[str, Any]:
+    """What ran the network: the options asked for and, per "runtime precision", how many
+    tiles each computed (a worker falls back to torch where OpenVINO cannot convert)."""
+    out: dict[str, Any] = {
+        "runtime": config.runtime,
+        "bf16": config.bf16,
+        "window": config.window or DEFAULT_WINDOW,
+        "tiles_by_engine": dict(used),
+    }
+    note = bf16_native_note(config.bf16, config.device, used)
+    if note:
+        out["note"] = note
+    return out
+
+
 def process_slide(job: SlideJob, run: SlideRun, folder: Path) -> tuple[int, dict[str, Any]]:
     """Process one slide into ``folder`` (which must exist and be empty); returns
     (nuclei, report dict). Raises what goes wrong; the caller records it."""
@@ -157,7 +176,8 @@ def process_slide(job: SlideJob, run: SlideRun, folder: Path) -> tuple[int, dict
     qc = NucleiQC(model.classes)
     stitcher = Stitcher(tiles, store, [geojson, table, store, density, qc], job.name, model.checksum)
     infer = InferenceConfig(
-        device=config.device, threads=run.cluster.torch_threads, batch_size=config.batch_size, bf16=config.bf16
+        device=config.device, threads=run.cluster.torch_threads, batch_size=config.batch_size, bf16=config.bf16,
+        runtime=config.runtime, window=config.window,
     )
     tasks = (TileTask(spec, tile, str(model.path), model.mpp, infer, model.postproc) for tile in tiles)
     nuclei_seen = 0
@@ -210,6 +230,13 @@ def process_slide(job: SlideJob, run: SlideRun, folder: Path) -> tuple[int, dict
             f"but the stitcher produced {stats.nuclei}"
         )
     seconds = {key: float(stats.seconds.get(key, 0.0)) for key in ("read", "infer", "postprocess", "stitch")}
+    # Start-up: the workers' model load, runtime conversion and compilation during this
+    # slide, plus the run's own start-up (driver model load, cluster) on its first slide.
+    startup = {"workers": float(stats.seconds.get("setup", 0.0))}
+    if not run.startup_charged:
+        startup.update({k: float(v) for k, v in run.startup.items()})
+        run.startup_charged = True
+    seconds["startup"] = sum(startup.values())
     seconds.update(
         write=float(stats.seconds.get("write", 0.0)) + close_seconds, tissue=tissue_seconds, tiles_wall=tiles_wall,
         reread=reread_seconds,
@@ -234,6 +261,8 @@ def process_slide(job: SlideJob, run: SlideRun, folder: Path) -> tuple[int, dict
         wall_seconds=time.perf_counter() - started,
         model=model.describe(),
         config=resolved_config(config, model) | {"cluster": run.cluster.description, "slide_upsampled": upsampled},
+        startup=startup,
+        engine=engine_description(config, stats.engines),
         config_checksum=run.config_checksum,
         classes=model.classes,
         tile_seconds=list(stats.tile_seconds),

@@ -17,7 +17,7 @@ from wsi_pipeline.config import RunConfig, checksum, file_checksum
 from wsi_pipeline.engine.postproc import PostprocConfig
 from wsi_pipeline.slide import DEFAULT_MASK_MPP
 
-DEFAULT_TILE_PX = 1300
+DEFAULT_TILE_PX = 1312
 # Largest Zarr chunk side: chunks divide the tile core so core writes stay chunk-aligned.
 MAX_ZARR_CHUNK = 1024
 
@@ -56,18 +56,18 @@ class ModelInfo:
         }
 
 
-def default_tile_size(output_size: int) -> int:
-    """The tile core side when ``--tile-size`` is not given: the multiple of the model's
-    output patch nearest :data:`DEFAULT_TILE_PX` (1312 px for HoVer-Net fast).
+def default_tile_size() -> int:
+    """The tile core side when ``--tile-size`` is not given: :data:`DEFAULT_TILE_PX`.
 
-    A multiple of the output size keeps the engine's patch grid aligned with the slide at
-    no cost (the worker pads otherwise). Patches the two sample slides need with the
-    164 px default margin, by tile size (656 / 984 / 1312 / 1968 / 2624 px): 2103 / 1830 /
-    1685 / 1645 / 1689. Small tiles repeat the margin too often; from ~1300 px on the
-    count is flat (larger tiles take in more glass), while memory per tile keeps growing
-    and fewer, larger tiles leave workers idle at the end of a slide.
+    A multiple of the encoder's stride (8 px) keeps every tile's windows on the slide-wide
+    grid at no cost (the worker pads otherwise). The value is chosen by measurement
+    (``benchmarks/throughput.py --tile-sizes``; see its JSON in benchmarks/results/):
+    small tiles repeat the margin's recomputation too often, large ones hold more memory
+    per tile and leave workers idle at the end of a slide.
     """
-    return max(1, round(DEFAULT_TILE_PX / output_size)) * output_size
+    from wsi_pipeline.engine.infer import ALIGN
+
+    return max(1, round(DEFAULT_TILE_PX / ALIGN)) * ALIGN
 
 
 def prepare_model(config: RunConfig) -> ModelInfo:
@@ -92,7 +92,7 @@ def prepare_model(config: RunConfig) -> ModelInfo:
     mpp = float(config.target_mpp or meta.get("mpp") or 0.25)
     postproc = model_postproc(model)
     margin = config.margin if config.margin is not None else int(default_margin(model, postproc, mpp=mpp))
-    tile_size = config.tile_size or default_tile_size(int(model.output_size))
+    tile_size = config.tile_size or default_tile_size()
     return ModelInfo(
         path=path,
         name=str(meta.get("name", path.stem)),

@@ -183,7 +183,9 @@ def run_batch(
     started = time.perf_counter()
     out = Path(out)
     entries = gather_inputs(inputs)  # bad inputs are refused before anything is created
+    model_started = time.perf_counter()
     model = prepare_model(config)
+    model_seconds = time.perf_counter() - model_started
     prepare_out(out)
     outcomes: list[SlideOutcome] = []
     with out_folder_lock(out, config.lock_wait):
@@ -201,8 +203,10 @@ def run_batch(
             return write_batch_report(out, [_report_row(row) for row in rows], last_run=this_run)
 
         run_started = datetime.now(UTC).isoformat(timespec="seconds")
+        cluster_started = time.perf_counter()
         with open_client(config) as cluster, performance_report(config.dask_report):
             threads = cluster_threads(cluster.client)
+            startup = {"model": model_seconds, "cluster": time.perf_counter() - cluster_started}
             run = SlideRun(
                 config=config,
                 model=model,
@@ -210,6 +214,7 @@ def run_batch(
                 config_checksum=run_checksum,
                 max_in_flight=config.max_in_flight or 2 * threads,
                 on_tile=on_tile,
+                startup=startup,
             )
             log.info("%s (%d thread(s)); dashboard: %s", cluster.description, threads, cluster.dashboard or "off")
             job: SlideJob | None = None

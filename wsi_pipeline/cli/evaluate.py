@@ -24,7 +24,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-pred", type=Path, help="save NAME.npz predictions (inst_map, type_map) here")
     p.add_argument("--dev-split", type=Path, help="evaluate only the held-out sources listed in this YAML")
     p.add_argument("--format", default="auto", help="dataset format (default: auto-detect)")
-    p.add_argument("--batch-size", type=int, default=8, help="patches per forward pass (8)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (8)")
+    p.add_argument(
+        "--runtime", choices=("auto", "torch", "openvino"), default="torch",
+        help="inference runtime (torch: the fp32 reference; auto/openvino: what `run` uses on the CPU)",
+    )
+    p.add_argument("--window", type=int, help="network input side in px (default 768; 256: one patch at a time)")
+    p.add_argument("--bf16", choices=("auto", "true", "false"), default="false", help="bf16 arithmetic (false)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda or cuda:N")
     p.set_defaults(func=run)
@@ -48,7 +54,10 @@ def run(args: argparse.Namespace) -> int:
     scores = evaluate_samples(
         model,
         samples,
-        InferenceConfig(device=args.device, batch_size=args.batch_size, threads=args.threads),
+        InferenceConfig(
+            device=args.device, batch_size=args.batch_size, threads=args.threads, runtime=args.runtime,
+            window=args.window, bf16={"auto": "auto", "true": True, "false": False}[args.bf16],
+        ),
         save_pred_dir=args.save_pred,
         progress=True,
     )

@@ -56,9 +56,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     model.add_argument("--tile-size", type=int, metavar="PX", help="tile core side in px at the model's µm/px (1312)")
     model.add_argument("--margin", type=int, metavar="PX", help="context around each tile in px (default: derived)")
-    model.add_argument("--batch-size", type=int, metavar="N", help="patches per forward pass (4)")
+    model.add_argument("--batch-size", type=int, metavar="N", help="windows per forward pass (4)")
     model.add_argument("--device", metavar="DEV", help="torch device: cpu, cuda or cuda:N (cpu)")
-    model.add_argument("--bf16", type=_bf16, metavar="auto|true|false", help="bf16 autocast (false)")
+    model.add_argument("--bf16", type=_bf16, metavar="auto|true|false", help="bf16 arithmetic (false)")
+    model.add_argument(
+        "--runtime", choices=("auto", "torch", "openvino"),
+        help="inference runtime (auto: OpenVINO on the CPU where installed, else torch)",
+    )
+    model.add_argument(
+        "--window", type=int, metavar="PX", help="network input side for whole-tile inference (768; a multiple of 8)"
+    )
     model.add_argument("--mpp", type=float, metavar="UM", help="slide level-0 µm/px, overriding its metadata")
     model.add_argument("--target-mpp", type=float, metavar="UM", help="inference µm/px (default: the model's)")
     model.add_argument(

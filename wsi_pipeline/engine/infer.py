@@ -1,14 +1,30 @@
 """A tile in, HoVer-Net's NP / HV / TP maps out, for every pixel of the tile.
 
-HoVer-Net only predicts the centre of its input patch (fast mode: 256 px in, 164 px out),
-so a tile is covered by a grid of patches whose *outputs* abut: stride = output size. To
-give the tile's border pixels the same context as interior ones, the tile is mirrored
-(reflect padding) by the context margin ``(input - output) / 2`` on every side, and padded
-further at the bottom/right up to a whole number of output patches; the maps are cropped
-back to the tile, so callers never see the grid.
+HoVer-Net predicts only the centre of its input (fast mode: ``input - 92`` px of any input
+whose side divides by 8; 256 in, 164 out by default). The network is fully convolutional,
+so a tile runs as a few large *windows* rather than many 256 px patches: a 256 px patch
+spends (256/164)^2 = 2.44x the arithmetic per output pixel, a 768 px window (768/676)^2 =
+1.29x. To give the tile's border pixels the same context as interior ones, the tile is
+mirrored (reflect padding) by the context margin ``(input - output) / 2`` on every side
+and padded at the bottom/right to the windows' coverage; the maps are cropped back, so
+callers never see the windows.
 
-Patches are cut and pushed through the model one batch at a time: a huge tile never
-holds more than one batch of patches beside its uint8 padded copy and the output maps.
+Where a prediction may depend on the windows (measured on the shipped default, fp32,
+and checked by ``tests/test_infer.py::test_windows_do_not_change_interior_predictions``):
+
+* the phase of the encoder's stride-8 grid: the same pixel predicted from a window
+  shifted by 4 px differs by ~0.005 mean NP probability, shifted by 8 px by < 1e-5. So
+  every window starts on the same phase of the *slide-wide* 8 px grid (the worker aligns
+  each tile's read to it, ``worker.model_maps``), whatever the tile and window sizes;
+* the window's own edge: only the outermost 8 output px of a window see its zero padding
+  (beyond them, differences < 3e-4). Windows therefore overlap by ``2 * trim`` px
+  (trim 10 in fast mode: the smallest >= 8 that keeps the window step a multiple of 8)
+  and each contributes its output minus ``trim`` on the sides it shares with a neighbour.
+
+Windows of one tile share one shape (one compiled executable per tile shape) and go to
+the runtime ``batch_size`` at a time: a huge tile never holds more than one batch of
+windows beside its uint8 padded copy and the output maps. The runtime (torch or OpenVINO,
+:mod:`wsi_pipeline.engine.runtime`) is chosen by :class:`InferenceConfig`.
 
 The fast paths (channels_last memory layout, bf16 autocast, ``torch.compile``) change
 rounding, not the algorithm. How far they may stray from fp32 eager (figures of
@@ -41,7 +57,6 @@ checked by ``tests/test_infer.py`` on a real MoNuSeg crop (300x200 px):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -52,15 +67,20 @@ from torch import nn
 
 from wsi_pipeline.engine._malloc import keep_freed_memory
 from wsi_pipeline.engine.device import torch_device
+from wsi_pipeline.engine.runtime import RUNTIMES, Runtime, make_runtime
 from wsi_pipeline.errors import ConfigError, ModelError
 
 __all__ = [
+    "ALIGN",
+    "DEFAULT_WINDOW",
     "TOLERANCE_BF16",
     "TOLERANCE_FP32",
     "InferenceConfig",
     "Maps",
     "TileInferer",
     "Tolerance",
+    "WindowPlan",
+    "bf16_native_note",
     "bf16_supported",
     "compare_maps",
 ]
@@ -74,7 +94,12 @@ class InferenceConfig:
     (CPU with AVX-512 BF16 or AMX, CUDA GPUs with bf16 tensor cores): elsewhere it is
     emulated and slower than fp32. ``bf16=True`` forces it anyway (useful for testing).
     ``threads`` sets ``torch.set_num_threads`` for the whole process, because that is the
-    only knob torch offers; ``None`` leaves torch's default.
+    only knob torch offers, and OpenVINO's thread count; ``None`` leaves torch's default.
+    ``runtime``: ``torch`` (the reference; the library default), ``openvino`` or ``auto``
+    (OpenVINO on the CPU where installed; what ``wsi-pipeline run`` uses).
+    ``window``: the network's input side for whole-tile inference; ``None`` takes
+    :data:`DEFAULT_WINDOW` for models that accept any size (HoVer-Net), the model's own
+    input size otherwise. ``batch_size`` counts windows per runtime call.
     """
 
     device: str = "cpu"
@@ -83,6 +108,8 @@ class InferenceConfig:
     bf16: bool | Literal["auto"] = False
     compile: bool = False
     channels_last: bool = True
+    runtime: Literal["auto", "torch", "openvino"] = "torch"
+    window: int | None = None
 
     def __post_init__(self) -> None:
         torch_device(self.device, require_available=False)
@@ -101,6 +128,10 @@ class InferenceConfig:
         for name in ("compile", "channels_last"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(None, f"{name}={getattr(self, name)!r} must be True or False")
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(None, f"runtime={self.runtime!r} is not one of {', '.join(RUNTIMES)}", "use 'auto'")
+        if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int)):
+            raise ConfigError(None, f"window={self.window!r} must be an integer side in px", "give e.g. window=768")
 
 
 @dataclass
@@ -224,6 +255,22 @@ def bf16_supported(device: str | torch.device = "cpu") -> bool:
     return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
+def bf16_native_note(bf16: bool | str, device: str, used: dict[str, int]) -> str:
+    """A line for the report when the arithmetic is not what ``--bf16`` suggests; else ''.
+
+    ``used``: tiles per "runtime precision" (:attr:`TileResult.engine` values).
+    """
+    f32 = sum(n for engine, n in used.items() if engine.endswith(" f32"))
+    if bf16 == "auto" and f32 and not bf16_supported(device):
+        return (
+            f"bf16 'auto': this {device.upper()} has no native bf16 (AVX-512 BF16 or AMX), so {f32} tile(s) "
+            "ran in f32 (bf16 would be emulated, slower)"
+        )
+    if bf16 is True and not bf16_supported(device):
+        return f"bf16 was forced on a {device.upper()} without native bf16: it is emulated, slower than f32"
+    return ""
+
+
 def _image_problem(image: object, min_side: int) -> tuple[str, str] | None:
     """(problem, fix) if ``image`` is not an (H, W, 3) uint8 RGB array of a usable size."""
     if isinstance(image, torch.Tensor):
@@ -311,14 +358,48 @@ def _model_geometry(model: nn.Module) -> tuple[int, int, int | None]:
     return inp, out, (None if num_types is None else int(num_types))
 
 
+# The encoder's total stride: predictions depend on a pixel's phase on this grid.
+ALIGN = 8
+# Input side of the windows a tile is cut into, chosen by measurement
+# (benchmarks/engine_latency.py --sizes, results in benchmarks/results/engine_latency.json).
+DEFAULT_WINDOW = 768
+# Outermost output px of a window that its zero padding reaches (measured: 8 in fast mode).
+EDGE_REACH = 8
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """Windows along one axis: ``count`` windows of ``output`` px, ``step`` apart (overlap
+    ``2 * trim``), covering ``coverage >= length`` output px from 0."""
+
+    length: int
+    output: int
+    count: int
+    trim: int
+
+    @property
+    def step(self) -> int:
+        return self.output - 2 * self.trim
+
+    @property
+    def coverage(self) -> int:
+        return self.output + (self.count - 1) * self.step
+
+    def spans(self) -> list[tuple[int, int, int]]:
+        """(window start, first output px it contributes, end px), all in tile coordinates."""
+        out = []
+        for i in range(self.count):
+            start = i * self.step
+            first = start + (self.trim if i else 0)
+            end = min(self.length, start + self.output - (self.trim if i < self.count - 1 else 0))
+            out.append((start, first, end))
+        return out
+
+
 class TileInferer:
-    """Runs one HoVer-Net over tiles of any size, batch by batch.
+    """Runs one HoVer-Net over tiles of any size, window batch by window batch."""
 
-    The model is put in eval mode and moved to the configured device and memory layout
-    in place (no copy: a second copy of a 37 M-parameter model per worker is not free).
-    """
-
-    def __init__(self, model: nn.Module, config: InferenceConfig | None = None) -> None:
+    def __init__(self, model: nn.Module, config: InferenceConfig | None = None, *, label: str | None = None) -> None:
         self.config = config if config is not None else InferenceConfig()
         self.input_size, self.output_size, self.num_types = _model_geometry(model)
         self.context = (self.input_size - self.output_size) // 2
@@ -327,68 +408,121 @@ class TileInferer:
             torch.set_num_threads(self.config.threads)
         keep_freed_memory()
         self.uses_bf16 = self.config.bf16 is True or (self.config.bf16 == "auto" and bf16_supported(self.device))
-        layout = torch.channels_last if self.config.channels_last else torch.contiguous_format
-        model.eval()
-        model.to(device=self.device, memory_format=layout)
         self.model = model
-        # dynamic=False: one static graph per batch shape; infer() pads short final batches
-        # to batch_size so a tile never triggers a recompile.
-        self._forward = torch.compile(model, dynamic=False) if self.config.compile else model
+        self._sizes = getattr(model, "output_size_for", None)
+        self.window = self._check_window(self.config.window)
+        self.runtime: Runtime = make_runtime(
+            model,
+            self.config.runtime,
+            device=self.config.device,
+            bf16=self.uses_bf16,
+            threads=self.config.threads,
+            channels_last=self.config.channels_last,
+            compile=self.config.compile,
+            batch_size=self.config.batch_size,
+            label=label,
+        )
+
+    # ------------------------------------------------------------------ geometry
+    def output_for(self, side: int) -> int | None:
+        """Output side of an input side, ``None`` where the network does not take it."""
+        if self._sizes is None:
+            return self.output_size if side == self.input_size else None
+        try:
+            return int(self._sizes(side))
+        except ModelError:
+            return None
+
+    def valid_windows(self, low: int = 96, high: int = 4096) -> list[int]:
+        """Input sides this model accepts in ``[low, high]``."""
+        if self._sizes is None:
+            return [self.input_size] if low <= self.input_size <= high else []
+        return [n for n in range(low, high + 1) if self.output_for(n) is not None]
+
+    def _check_window(self, window: int | None) -> int:
+        if window is None:
+            window = DEFAULT_WINDOW if self._sizes is not None else self.input_size
+        if self.output_for(window) is None:
+            valid = self.valid_windows(96, 2048)
+            shown = ", ".join(map(str, valid[:6])) + (", ..." if len(valid) > 6 else "")
+            raise ConfigError(
+                None,
+                f"window {window} px does not fit this model (output = input - {2 * self.context} "
+                f"for the inputs it takes)",
+                f"use one of {shown} (every {valid[1] - valid[0] if len(valid) > 1 else ALIGN} px)",
+            )
+        if self.output_for(window) <= 2 * self._trim(self.output_for(window)):
+            raise ConfigError(
+                None, f"window {window} px leaves no output after the overlap trim", "use a larger window"
+            )
+        return window
+
+    @staticmethod
+    def _trim(output: int) -> int:
+        """Smallest trim >= EDGE_REACH that keeps the window step on the stride grid."""
+        trim = EDGE_REACH
+        while (output - 2 * trim) % ALIGN:
+            trim += 1
+        return trim
+
+    def _fit_output(self, need: int) -> int:
+        """Smallest valid window output >= ``need`` (never above the configured window's)."""
+        largest = self.output_for(self.window)
+        assert largest is not None
+        if self._sizes is None:
+            return largest
+        side = self.window
+        # Valid inputs step by ALIGN; walk down from the window while the output still covers.
+        while True:
+            smaller = self.output_for(side - ALIGN)
+            if smaller is None or smaller < need:
+                return self.output_for(side)  # type: ignore[return-value]
+            side -= ALIGN
+
+    def plan(self, length: int) -> WindowPlan:
+        """How one axis of ``length`` output px is cut into windows (see the module doc)."""
+        largest = self.output_for(self.window)
+        assert largest is not None
+        trim = self._trim(largest)
+        if length <= largest:
+            output = self._fit_output(length)
+            return WindowPlan(length, output, 1, self._trim(output))
+        count = math.ceil((length - 2 * trim) / (largest - 2 * trim))
+        while True:
+            output = self._fit_output(math.ceil((length + 2 * trim * (count - 1)) / count))
+            plan = WindowPlan(length, output, count, self._trim(output))
+            if plan.coverage >= length and (output - 2 * plan.trim) % ALIGN == 0:
+                return plan
+            count += 1
 
     @property
     def min_side(self) -> int:
         """Smallest tile side accepted: the context margin must mirror real pixels."""
         return self.context + 1
 
-    def predict_patches(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Model outputs for a batch of uint8 (N, input, input, 3) RGB patches.
+    def input_side(self, output: int) -> int:
+        return output + 2 * self.context
 
-        Returns float32 tensors on the device: ``np_prob`` (N, o, o), ``hv`` (N, 2, o, o),
-        ``tp_prob`` (N, C, o, o) when the model has a type branch. Call it inside
-        ``torch.inference_mode()``; :meth:`infer` does.
-        """
-        n = patches.shape[0]
-        expected = (self.input_size, self.input_size, 3)
-        if patches.ndim != 4 or tuple(patches.shape[1:]) != expected or patches.dtype != torch.uint8:
+    # ------------------------------------------------------------------ inference
+    def predict(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """The runtime's maps for a uint8 (N, h, w, 3) batch of windows (checked)."""
+        if batch.ndim != 4 or batch.shape[3] != 3 or batch.dtype != np.uint8:
             raise ModelError(
                 None,
-                f"patches of shape {tuple(patches.shape)} {patches.dtype}; expected (N, *{expected}) uint8",
-                "cut patches of the model's input size from a uint8 RGB image",
+                f"windows of shape {tuple(batch.shape)} {batch.dtype}; expected (N, h, w, 3) uint8",
+                "cut windows of a valid input size from a uint8 RGB image",
             )
-        if self.config.compile and n < self.config.batch_size:
-            pad = patches.new_zeros((self.config.batch_size - n, *expected))
-            patches = torch.cat([patches, pad])
-        patches = patches.to(self.device, non_blocking=True)
-        # NHWC permuted to NCHW is already channels_last in memory: no copy needed for it.
-        x = patches.permute(0, 3, 1, 2).float()
-        x = x.contiguous(memory_format=torch.channels_last if self.config.channels_last else torch.contiguous_format)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.uses_bf16):
-            raw = self._forward(x)
-        if not isinstance(raw, dict) or "np" not in raw or "hv" not in raw:
+        for side in batch.shape[1:3]:
+            if self.output_for(int(side)) is None:
+                raise ModelError(None, f"window side {side} px does not fit the model", "use TileInferer.infer")
+        out = self.runtime.run(batch)
+        if self.num_types is not None and "tp_prob" not in out:
             raise ModelError(
                 None,
-                f"{type(self.model).__name__}.forward returned {type(raw).__name__} without 'np'/'hv' keys",
-                "use a HoVer-Net model whose forward returns a dict of np, hv (and tp) maps",
+                f"model declares num_types={self.num_types} but returned no 'tp' map",
+                "set num_types=None for a model without a type branch",
             )
-        out = {
-            "np_prob": torch.softmax(raw["np"][:n].float(), dim=1)[:, 1],
-            "hv": raw["hv"][:n].float(),
-        }
-        if self.num_types is not None and "tp" in raw:
-            out["tp_prob"] = torch.softmax(raw["tp"][:n].float(), dim=1)
         return out
-
-    def _grid(self, height: int, width: int) -> tuple[int, int]:
-        return math.ceil(height / self.output_size), math.ceil(width / self.output_size)
-
-    def _batches(self, padded: torch.Tensor, rows: int, cols: int) -> Iterator[tuple[list, torch.Tensor]]:
-        """Yield (grid positions, uint8 patch batch), row-major, batch_size at a time."""
-        size, step, bs = self.input_size, self.output_size, self.config.batch_size
-        positions = [(r, c) for r in range(rows) for c in range(cols)]
-        for start in range(0, len(positions), bs):
-            chunk = positions[start : start + bs]
-            patches = torch.stack([padded[r * step : r * step + size, c * step : c * step + size] for r, c in chunk])
-            yield chunk, patches
 
     def infer(self, image: np.ndarray) -> Maps:
         """NP probability, HV and TP probability maps covering the whole ``image``.
@@ -400,31 +534,27 @@ class TileInferer:
         if problem is not None:
             raise ModelError(None, *problem)
         height, width = image.shape[:2]
-        rows, cols = self._grid(height, width)
-        ctx, step = self.context, self.output_size
-        extra_y, extra_x = rows * step - height, cols * step - width
+        rows, cols = self.plan(height), self.plan(width)
+        ctx = self.context
+        extra_y, extra_x = rows.coverage - height, cols.coverage - width
         # The first ctx mirrored pixels are real context; the extra bottom/right padding
         # only feeds outputs that are cropped away, so numpy's repeated reflection is fine.
         padded = np.pad(image, ((ctx, ctx + extra_y), (ctx, ctx + extra_x), (0, 0)), mode="reflect")
-        padded_t = torch.from_numpy(padded)
+        in_h, in_w = self.input_side(rows.output), self.input_side(cols.output)
 
         np_prob = np.empty((height, width), np.float32)
         hv = np.empty((2, height, width), np.float32)
         tp_prob = None if self.num_types is None else np.empty((self.num_types, height, width), np.float32)
-        with torch.inference_mode():
-            for chunk, patches in self._batches(padded_t, rows, cols):
-                pred = {k: v.cpu().numpy() for k, v in self.predict_patches(patches).items()}
-                if tp_prob is not None and "tp_prob" not in pred:
-                    raise ModelError(
-                        None,
-                        f"model declares num_types={self.num_types} but returned no 'tp' map",
-                        "set num_types=None for a model without a type branch",
-                    )
-                for i, (r, c) in enumerate(chunk):
-                    y0, x0 = r * step, c * step
-                    h, w = min(step, height - y0), min(step, width - x0)
-                    np_prob[y0 : y0 + h, x0 : x0 + w] = pred["np_prob"][i, :h, :w]
-                    hv[:, y0 : y0 + h, x0 : x0 + w] = pred["hv"][i, :, :h, :w]
-                    if tp_prob is not None:
-                        tp_prob[:, y0 : y0 + h, x0 : x0 + w] = pred["tp_prob"][i, :, :h, :w]
+        windows = [(r, c) for r in rows.spans() for c in cols.spans()]
+        bs = self.config.batch_size
+        for start in range(0, len(windows), bs):
+            chunk = windows[start : start + bs]
+            batch = np.stack([padded[r[0] : r[0] + in_h, c[0] : c[0] + in_w] for r, c in chunk])
+            pred = self.predict(batch)
+            for i, ((y0, ya, yb), (x0, xa, xb)) in enumerate(chunk):
+                src = (slice(ya - y0, yb - y0), slice(xa - x0, xb - x0))
+                np_prob[ya:yb, xa:xb] = pred["np_prob"][i][src]
+                hv[:, ya:yb, xa:xb] = pred["hv"][i][(slice(None), *src)]
+                if tp_prob is not None:
+                    tp_prob[:, ya:yb, xa:xb] = pred["tp_prob"][i][(slice(None), *src)]
         return Maps(np_prob=np_prob, hv=hv, tp_prob=tp_prob)

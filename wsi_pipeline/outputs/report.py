@@ -47,7 +47,7 @@ from wsi_pipeline.slide.tissue import TissueMask
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
 BATCH_REPORT_JSON = "batch_report.json"
-STAGES = ("read", "infer", "postprocess", "stitch", "write")
+STAGES = ("startup", "read", "infer", "postprocess", "stitch", "write")
 _PACKAGES = (
     "wsi_pipeline",
     "torch",
@@ -105,6 +105,8 @@ class SlideReport:
     warnings: list[str] = field(default_factory=list)
     qc: dict[str, Any] = field(default_factory=dict)
     crops: list[dict[str, Any]] = field(default_factory=list)
+    startup: dict[str, float] = field(default_factory=dict)
+    engine: dict[str, Any] = field(default_factory=dict)
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     @property
@@ -155,6 +157,8 @@ class SlideReport:
             "nuclei": {"total": self.nuclei, "per_class": {k: int(v) for k, v in self.nuclei_per_class.items()}},
             "edge_touching": int(self.edge_touching),
             "seconds": seconds,
+            "startup": {k: float(v) for k, v in self.startup.items()},
+            "engine": dict(self.engine),
             "throughput": self.throughput(),
             "model": dict(self.model),
             "classes": [{"id": int(c["id"]), "name": str(c["name"]), "color": list(c["color"])} for c in self.classes],
