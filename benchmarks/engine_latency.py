@@ -1,21 +1,20 @@
-"""Per-patch latency of the HoVer-Net engine under each fast path, against the machine's peak.
+"""Engine latency per output pixel: runtimes x precisions x window sizes, against the machine's peak.
 
-For each model width and each engine configuration (fp32 eager NCHW, channels_last, bf16
-autocast, torch.compile) and batch size, it times ``TileInferer.predict_patches`` (uint8
-patches in, probabilities out: the engine's real per-batch work) and reports seconds per
-patch, patches/s and achieved GFLOP/s. The same run measures the machine's matmul GFLOP/s
-(``torch.mm`` fp32 and bf16), before and after the model timings, because a shared machine's
-speed drifts: achieved / matmul GFLOP/s is the figure that stays comparable across machines.
-Each configuration's outputs are also compared with fp32 eager on the same patches; the
-bf16 figures only mean something for trained weights (``--checkpoint``) on real H&E
+For each model (``--checkpoint`` names/paths, or random ``--width`` models), each engine
+configuration (torch fp32 eager, torch bf16 autocast, torch.compile, OpenVINO f32 / bf16)
+and each window (network input side, ``--sizes``; 256 is the patch-by-patch path, larger
+ones whole-tile inference), it times ``TileInferer.predict`` (uint8 windows in,
+probabilities out: the engine's real per-call work) and reports **µs per output pixel**
+(the figure that compares window sizes: a 256² input yields only 164² outputs), windows/s,
+achieved GFLOP/s and the first call (OpenVINO compiles there). The same run measures the
+machine's matmul GFLOP/s (``torch.mm`` fp32 and bf16) before and after, because a shared
+machine's speed drifts. Each configuration's outputs are compared with torch fp32 eager on
+the same windows; the bf16 figures only mean something for trained weights on real H&E
 (``--image``): randomly initialised weights amplify rounding until bf16 scrambles them.
 
-Full-width fast HoVer-Net costs ~300 GFLOP per 256² patch: on a 2-core CPU that is seconds
-per patch, so keep ``--iters`` small (``--quick`` = 1 timed iteration, batches 1 and 4).
-
     python benchmarks/engine_latency.py --quick
-    python benchmarks/engine_latency.py --width 1.0 0.25 --iters 3 --out results.json
-    python benchmarks/engine_latency.py --checkpoint model.safetensors --image tile.png
+    python benchmarks/engine_latency.py --checkpoint hovernet-fast-w025-imp90 --image tile.png \
+        --sizes 256 512 768 1024 1536 --configs fp32_eager bf16 openvino_fp32 openvino_bf16
 """
 
 from __future__ import annotations
@@ -49,8 +48,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "bf16": {"channels_last": True, "bf16": True},
     "compile": {"channels_last": True, "compile": True},
     "compile_bf16": {"channels_last": True, "compile": True, "bf16": True},
+    "openvino_fp32": {"runtime": "openvino"},
+    "openvino_bf16": {"runtime": "openvino", "bf16": True},
 }
-DEFAULT_CONFIGS = ["fp32_eager", "channels_last", "bf16", "compile"]
+DEFAULT_CONFIGS = ["fp32_eager", "bf16", "openvino_fp32", "openvino_bf16"]
 
 
 def _sync(device: torch.device) -> None:
@@ -97,48 +98,49 @@ def build_model(mode: str, width: float, num_types: int) -> torch.nn.Module:
     return HoVerNet(mode=mode, num_types=num_types, spec=spec)
 
 
-def input_patches(image: Path | None, batch: int, size: int, gen: torch.Generator) -> torch.Tensor:
-    """``batch`` uint8 (size, size, 3) patches: random pixels, or random crops of a real RGB image.
+def input_patches(image: Path | None, batch: int, size: int, gen: torch.Generator) -> np.ndarray:
+    """``batch`` uint8 (size, size, 3) windows: random pixels, or random crops of a real RGB image.
 
     Latency does not depend on the pixels; the comparison with fp32 eager does, so pass a
     real H&E ``--image`` (and a trained ``--checkpoint``) for meaningful differences.
     """
     if image is None:
-        return torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=gen)
+        return torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=gen).numpy()
     pixels = np.asarray(Image.open(image).convert("RGB"))
-    if min(pixels.shape[:2]) < size:
-        raise SystemExit(f"{image}: {pixels.shape[1]}x{pixels.shape[0]} px is smaller than a {size}² patch")
+    if min(pixels.shape[:2]) < size:  # a small image is mirrored up to the window
+        grow = size - min(pixels.shape[:2])
+        pixels = np.pad(pixels, ((0, grow), (0, grow), (0, 0)), mode="symmetric")
     ys = torch.randint(0, pixels.shape[0] - size + 1, (batch,), generator=gen).tolist()
     xs = torch.randint(0, pixels.shape[1] - size + 1, (batch,), generator=gen).tolist()
-    return torch.from_numpy(np.stack([pixels[y : y + size, x : x + size] for y, x in zip(ys, xs, strict=True)]))
+    return np.stack([pixels[y : y + size, x : x + size] for y, x in zip(ys, xs, strict=True)])
 
 
 def time_config(
-    inferer: TileInferer, patches: torch.Tensor, warmup: int, iters: int
-) -> tuple[float, list[float], dict[str, torch.Tensor]]:
+    inferer: TileInferer, patches: np.ndarray, warmup: int, iters: int
+) -> tuple[float, list[float], dict[str, np.ndarray]]:
     """(first-call seconds, timed per-batch seconds, outputs of the last call)."""
-    device = inferer.device
-    with torch.inference_mode():
+    t0 = time.perf_counter()
+    out = inferer.predict(patches)
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        inferer.predict(patches)
+    times = []
+    for _ in range(iters):
         t0 = time.perf_counter()
-        out = inferer.predict_patches(patches)
-        _sync(device)
-        first = time.perf_counter() - t0
-        for _ in range(warmup - 1):
-            inferer.predict_patches(patches)
-            _sync(device)
-        times = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            out = inferer.predict_patches(patches)
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-    return first, times, {k: v.float().cpu() for k, v in out.items()}
+        out = inferer.predict(patches)
+        times.append(time.perf_counter() - t0)
+    return first, times, out
 
 
-def max_abs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], key: str) -> float | None:
-    if key not in a or key not in b:
-        return None
-    return float((a[key] - b[key]).abs().max())
+def differences(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, float | None]:
+    """Max and mean abs differences per map, and the fraction of NP decisions that flip."""
+    out: dict[str, float | None] = {}
+    for key in ("np_prob", "hv", "tp_prob"):
+        if key in a and key in b:
+            d = np.abs(a[key] - b[key])
+            out[f"{key}_max_abs"], out[f"{key}_mean_abs"] = float(d.max()), float(d.mean())
+    out["np_flip_fraction"] = float(((a["np_prob"] > 0.5) != (b["np_prob"] > 0.5)).mean())
+    return out
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -161,7 +163,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "mode": args.mode,
             "iters": args.iters,
             "warmup": args.warmup,
-            "batch_sizes": args.batch_sizes,
+            "sizes": args.sizes,
+            "batch_at_model_input_size": args.batch_256,
             "configs": args.configs,
             "num_types": args.num_types,
             "image": str(args.image) if args.image else None,
@@ -173,62 +176,60 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     print(f"matmul GFLOP/s (2048², before): {result['matmul_gflops_before']}", flush=True)
     gen = torch.Generator().manual_seed(0)
-    models = [(f"checkpoint {args.checkpoint}", None)] if args.checkpoint else [(None, w) for w in args.width]
-    for label, width in models:
-        model = load_model(args.checkpoint) if args.checkpoint else build_model(args.mode, width, args.num_types)
-        size = model.input_size
-        macs = count_macs(model)
-        gflop = 2 * macs / 1e9
+    models = [(f"checkpoint {c}", c, None) for c in args.checkpoint] or [(None, None, w) for w in args.width]
+    for label, checkpoint, width in models:
+        model = load_model(checkpoint) if checkpoint else build_model(args.mode, width, args.num_types)
+        macs_per_patch = count_macs(model)
         entry: dict[str, Any] = {
             "width": width,
-            "checkpoint": str(args.checkpoint) if args.checkpoint else None,
+            "checkpoint": str(checkpoint) if checkpoint else None,
             "params": count_params(model),
-            "gmac_per_patch": round(macs / 1e9, 3),
-            "gflop_per_patch": round(gflop, 3),
-            "input_size": size,
+            "gmac_per_patch": round(macs_per_patch / 1e9, 3),
+            "input_size": model.input_size,
             "output_size": model.output_size,
             "runs": [],
         }
-        print(
-            f"\n{label or f'width {width}'}: {entry['params'] / 1e6:.2f} M params, {gflop:.1f} GFLOP per {size}² patch",
-            flush=True,
-        )
-        print(f"{'config':>14} {'batch':>5} {'s/patch':>9} {'patch/s':>8} {'GFLOP/s':>8} {'first s':>8} {'dNP':>8}")
-        # The same patches for every config, so outputs can be compared with fp32 eager.
-        batches = {b: input_patches(args.image, b, size, gen) for b in args.batch_sizes}
-        reference: dict[int, dict[str, torch.Tensor]] = {}
-        for name in args.configs:
-            for batch in args.batch_sizes:
-                config = InferenceConfig(device=args.device, batch_size=batch, **CONFIGS[name])
+        print(f"\n{label or f'width {width}'}: {entry['params'] / 1e6:.2f} M params, "
+              f"{entry['gmac_per_patch']} GMAC per {model.input_size}² patch", flush=True)
+        print(f"{'config':>14} {'window':>6} {'batch':>5} {'us/out px':>9} {'win/s':>7} {'GFLOP/s':>8} "
+              f"{'first s':>8} {'mean dNP':>9}")
+        for size in args.sizes:
+            output = model.output_size_for(size)
+            # MACs scale with the input area for a fully convolutional network.
+            gflop = 2 * macs_per_patch * (size / model.input_size) ** 2 / 1e9
+            batch = args.batch_256 if size == model.input_size else 1
+            windows = input_patches(args.image, batch, size, gen)
+            reference: dict[str, np.ndarray] | None = None
+            for name in args.configs:
+                config = InferenceConfig(device=args.device, batch_size=batch, window=size, **CONFIGS[name])
                 if config.compile:
-                    # Fresh compile caches: many (width, batch) graphs would hit dynamo's
-                    # recompile limit and silently fall back to eager.
-                    torch.compiler.reset()
+                    torch.compiler.reset()  # many graphs would hit dynamo's recompile limit
                 inferer = TileInferer(model, config)
-                first, times, out = time_config(inferer, batches[batch], args.warmup, args.iters)
+                first, times, out = time_config(inferer, windows, args.warmup, args.iters)
                 if name == "fp32_eager":
-                    reference[batch] = out
+                    reference = out
                 median = statistics.median(times)
                 run_entry = {
                     "config": name,
+                    "runtime": inferer.runtime.name,
+                    "precision": inferer.runtime.precision,
+                    "window": size,
+                    "output": output,
                     "batch_size": batch,
-                    "uses_bf16": inferer.uses_bf16,
                     "first_call_s": round(first, 3),
                     "batch_s": [round(t, 4) for t in times],
-                    "s_per_patch": round(median / batch, 4),
-                    "patches_per_s": round(batch / median, 3),
+                    "us_per_output_px": round(median / (batch * output * output) * 1e6, 4),
+                    "windows_per_s": round(batch / median, 3),
                     "achieved_gflops": round(gflop * batch / median, 1),
                 }
-                ref = reference.get(batch)
-                if ref is not None:
-                    run_entry["vs_fp32_eager_max_abs"] = {
-                        key: max_abs(ref, out, key) for key in ("np_prob", "hv", "tp_prob")
-                    }
+                if reference is not None:
+                    run_entry["vs_fp32_eager"] = differences(reference, out)
                 entry["runs"].append(run_entry)
-                d_np = run_entry.get("vs_fp32_eager_max_abs", {}).get("np_prob")
+                d_np = run_entry.get("vs_fp32_eager", {}).get("np_prob_mean_abs")
                 print(
-                    f"{name:>14} {batch:>5} {run_entry['s_per_patch']:>9.3f} {run_entry['patches_per_s']:>8.2f} "
-                    f"{run_entry['achieved_gflops']:>8.1f} {first:>8.2f} " + ("-" if d_np is None else f"{d_np:.2e}"),
+                    f"{name:>14} {size:>6} {batch:>5} {run_entry['us_per_output_px']:>9.3f} "
+                    f"{run_entry['windows_per_s']:>7.2f} {run_entry['achieved_gflops']:>8.1f} {first:>8.2f} "
+                    + ("-" if d_np is None else f"{d_np:9.2e}"),
                     flush=True,
                 )
         result["models"].append(entry)
@@ -243,21 +244,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=["fast", "original"], default="fast")
     parser.add_argument("--width", type=float, nargs="+", default=[1.0], help="channel width factors")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 768, 1024, 1280, 1536],
+                        help="window (input) sides; the model's own input size runs as a batch of --batch-256")
+    parser.add_argument("--batch-256", type=int, default=8, help="windows per call at the model's input size (8)")
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=DEFAULT_CONFIGS)
     parser.add_argument("--iters", type=int, default=2, help="timed iterations per (config, batch)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls first (>= 1: includes compile)")
-    parser.add_argument("--quick", action="store_true", help="1 timed iteration, batch sizes 1 and 4")
+    parser.add_argument("--quick", action="store_true", help="1 timed iteration, windows 256 and 768")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--checkpoint", type=Path, help="benchmark trained weights instead of --width models")
+    parser.add_argument("--checkpoint", nargs="+", default=[], help="trained models (names or paths), not --width")
     parser.add_argument("--image", type=Path, help="cut the input patches from this RGB image (default: random)")
     parser.add_argument("--num-types", type=int, default=5, help="TP classes incl. background (CoNSeP: 5)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
     args = parser.parse_args(argv)
     if args.quick:
         args.iters = 1
-        args.batch_sizes = [b for b in args.batch_sizes if b <= 4] or [1]
+        args.sizes = [256, 768]
     if args.iters < 1 or args.warmup < 1:
         parser.error("--iters and --warmup must be >= 1")
     return args
