@@ -4,10 +4,11 @@ For each model and each slide, the real pipeline runs (the batch code, a LocalCl
 sized like `run`'s default, outputs and reports written to a temporary folder); its
 report gives wall seconds, tissue mm², core megapixels and nuclei. In the same process
 and on the same cluster, a second pass then times only the model forward
-(:meth:`~wsi_pipeline.engine.infer.TileInferer.predict_patches`, the engine's batch call)
-over the same patches: each tile's read region, mirrored by the model's context and cut
-with stride = output size exactly as the engine does, in batches of the run's size.
-Reading and cutting are outside the timer.
+(:meth:`~wsi_pipeline.engine.infer.TileInferer.predict`, the engine's batch call)
+over the same windows: each tile's read region cut exactly as the engine cuts it
+(``TileInferer.window_batches``), in batches of the run's size. Reading and cutting are
+outside the timer. ``--tile-sizes`` repeats the run per tile size (how the default tile
+size was chosen); ``read_over_core`` says how much of the read is margin.
 
     pipeline overhead = end-to-end wall seconds / (forward seconds / worker threads)
 
@@ -17,13 +18,13 @@ stitching, writing, scheduling, idle threads at the end of a slide) is overhead.
 
     .venv/bin/python benchmarks/throughput.py --json benchmarks/results/throughput.json
     .venv/bin/python benchmarks/throughput.py --models hovernet-fast-w025 DENSE_MODEL_NAME
+    .venv/bin/python benchmarks/throughput.py --tile-sizes 992 1312 1648 1968 2624 --json /tmp/tiles.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
@@ -39,13 +40,11 @@ SAMPLES = sorted((REPO / "sample_slides").glob("*.svs")) + sorted((REPO / "sampl
 
 
 def forward_seconds(task: Any) -> dict[str, float]:
-    """Time only the model forward over the patches the engine cuts from this tile.
+    """Time only the model forward over the windows the engine cuts from this tile.
 
-    Runs on a worker; uses the worker's cached engine (the one the pipeline used).
+    Runs on a worker; uses the worker's cached engine (the one the pipeline used), and
+    :meth:`~wsi_pipeline.engine.infer.TileInferer.window_batches`, the engine's own cut.
     """
-    import numpy as np
-    import torch
-
     from wsi_pipeline.slide import SlideSpec
     from wsi_pipeline.worker import get_inferer
 
@@ -55,32 +54,21 @@ def forward_seconds(task: Any) -> dict[str, float]:
         rgb = slide.read_region_at(
             tile.read_level0.x0, tile.read_level0.y0, tile.read.width, tile.read.height, task.mpp
         )
-    step, size, context = inferer.output_size, inferer.input_size, inferer.context
-    rows, cols = math.ceil(rgb.shape[0] / step), math.ceil(rgb.shape[1] / step)
-    pad_bottom = rows * step - rgb.shape[0] + context
-    pad_right = cols * step - rgb.shape[1] + context
-    padded = np.pad(rgb, ((context, pad_bottom), (context, pad_right), (0, 0)), mode="reflect")
-    patches = torch.from_numpy(
-        np.stack(
-            [padded[r * step : r * step + size, c * step : c * step + size] for r in range(rows) for c in range(cols)]
-        )
-    )
-    batch = task.infer.batch_size
-    seconds = 0.0
-    with torch.inference_mode():
-        for start in range(0, len(patches), batch):
-            chunk = patches[start : start + batch]
-            began = time.perf_counter()
-            inferer.predict_patches(chunk)
-            seconds += time.perf_counter() - began
-    return {"forward": seconds, "patches": float(len(patches))}
+    seconds, windows, pixels = 0.0, 0, 0
+    for chunk, batch in inferer.window_batches(rgb):
+        began = time.perf_counter()
+        inferer.predict(batch)
+        seconds += time.perf_counter() - began
+        windows += len(chunk)
+    pixels = rgb.shape[0] * rgb.shape[1]
+    return {"forward": seconds, "windows": float(windows), "read_pixels": float(pixels)}
 
 
 def measure(slide: Path, model: str, out: Path, config_options: dict[str, Any]) -> dict[str, Any]:
     """One pipeline run of one slide, then the forward-only pass over the same tiles."""
     from wsi_pipeline.batch import SlideJob, SlideRun, prepare_model, process_slide, settings_checksum
+    from wsi_pipeline.batch.plan import inference_config
     from wsi_pipeline.config import RunConfig
-    from wsi_pipeline.engine.infer import InferenceConfig
     from wsi_pipeline.schedule import cluster_threads, open_client, stream_tiles
     from wsi_pipeline.slide import DEFAULT_MASK_MPP, SlideSpec, tissue_mask
     from wsi_pipeline.tiling import tile_grid
@@ -98,9 +86,7 @@ def measure(slide: Path, model: str, out: Path, config_options: dict[str, Any]) 
     core_megapixels = sum(t.core.width * t.core.height for t in tiles) / 1e6
     with open_client(config) as cluster:
         threads = cluster_threads(cluster.client)
-        infer = InferenceConfig(
-            device=config.device, threads=cluster.torch_threads, batch_size=config.batch_size, bf16=config.bf16
-        )
+        infer = inference_config(config, cluster.torch_threads)
         tasks = [TileTask(spec, tile, str(info.path), info.mpp, infer, info.postproc) for tile in tiles]
         # Warm-up: every worker loads the model, as it would have early in a long batch.
         stream_tiles(cluster.client, tasks[:threads], lambda _: None, max_in_flight=threads, fn=forward_seconds)
@@ -110,7 +96,8 @@ def measure(slide: Path, model: str, out: Path, config_options: dict[str, Any]) 
         stream_tiles(cluster.client, tasks, timed.append, max_in_flight=2 * threads, fn=forward_seconds)
         description = cluster.description
     forward = sum(t["forward"] for t in timed)
-    patches = int(sum(t["patches"] for t in timed))
+    windows = int(sum(t["windows"] for t in timed))
+    read_megapixels = sum(t["read_pixels"] for t in timed) / 1e6
     wall = float(report["seconds"]["wall"])
     forward_wall = forward / threads
     return {
@@ -120,18 +107,24 @@ def measure(slide: Path, model: str, out: Path, config_options: dict[str, Any]) 
         "cluster": description,
         "threads": threads,
         "tiles": report["tiles"]["processed"],
-        "patches": patches,
+        "tile_size": info.tile_size,
+        "margin": info.margin,
+        "windows": windows,
+        "engine": report.get("engine"),
         "tissue_mm2": report["tissue_mm2"],
         "nuclei": nuclei,
         "wall_s": wall,
         "s_per_tissue_mm2": wall / report["tissue_mm2"] if report["tissue_mm2"] else None,
         "core_megapixels": core_megapixels,
         "core_megapixels_per_s": core_megapixels / wall if wall else None,
+        "read_megapixels": read_megapixels,
+        "read_over_core": read_megapixels / core_megapixels if core_megapixels else None,
         "tissue_megapixels_per_s": report["throughput"]["tissue_mpx_per_s"],
         "nuclei_per_s": report["throughput"]["nuclei_per_s"],
         "stage_seconds": report["seconds"],
         "forward_s": forward,
-        "forward_s_per_patch": forward / patches if patches else None,
+        "forward_us_per_core_px": forward / core_megapixels if core_megapixels else None,
+        "startup_s": report["seconds"].get("startup"),
         "forward_wall_s": forward_wall,
         "overhead_ratio": wall / forward_wall if forward_wall else None,
     }
@@ -141,25 +134,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--slides", nargs="+", type=Path, default=SAMPLES, help="default: sample_slides/*")
     parser.add_argument("--models", nargs="+", default=[None], help="model names or paths (default: the default)")
-    parser.add_argument("--tile-size", type=int, default=None)
+    parser.add_argument("--tile-sizes", type=int, nargs="+", default=[None], help="tile core sides to compare")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--threads-per-worker", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--bf16", choices=("false", "true", "auto"), default="false")
+    parser.add_argument("--bf16", choices=("false", "true", "auto"), default="auto")
+    parser.add_argument("--runtime", choices=("auto", "torch", "openvino"), default="auto")
+    parser.add_argument("--window", type=int, default=None, help="network input side (default: the engine's)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     options: dict[str, Any] = {
         "batch_size": args.batch_size,
         "bf16": {"false": False, "true": True}.get(args.bf16, "auto"),
+        "runtime": args.runtime,
+        "window": args.window,
     }
-    for name in ("tile_size", "workers", "threads_per_worker"):
+    for name in ("workers", "threads_per_worker"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for index, model in enumerate(args.models):
+        for index, (model, tile_size) in enumerate((m, t) for m in args.models for t in args.tile_sizes):
             for slide in args.slides:
-                result = measure(slide, model, Path(tmp) / f"{index}", options)
+                result = measure(slide, model, Path(tmp) / f"{index}", {**options, "tile_size": tile_size})
                 print(json.dumps({k: v for k, v in result.items() if k != "stage_seconds"}), flush=True)
                 results.append(result)
     summary = {

@@ -41,13 +41,16 @@ def predict_samples(
     postproc_config: PostprocConfig | None = None,
     *,
     progress: bool = False,
+    inferer: TileInferer | None = None,
 ) -> Iterable[tuple[Sample, np.ndarray, np.ndarray | None]]:
     """Yield (sample, predicted inst map, predicted type map or None) per image.
 
     Without ``postproc_config`` the model's own post-processing is used (its metadata's,
-    or the defaults); the maps are at the model's µm/px.
+    or the defaults); the maps are at the model's µm/px. ``inferer``: an engine built
+    beforehand (e.g. with a quantised runtime, ``benchmarks/int8.py``) instead of one
+    from ``infer_config``.
     """
-    inferer = TileInferer(model, infer_config or InferenceConfig())
+    inferer = inferer or TileInferer(model, infer_config or InferenceConfig())
     config = postproc_config or model_postproc(model)
     mpp = float((getattr(model, "meta", None) or {}).get("mpp") or DEFAULT_MAP_MPP)
     samples = list(samples)
@@ -66,6 +69,7 @@ def evaluate_samples(
     *,
     save_pred_dir: str | Path | None = None,
     progress: bool = False,
+    inferer: TileInferer | None = None,
 ) -> dict[str, Any]:
     """Predict every sample, optionally save `NAME.npz` predictions, and score them.
 
@@ -77,7 +81,7 @@ def evaluate_samples(
     start = time.perf_counter()
     items = []
     for sample, pred_inst, pred_type in predict_samples(
-        model, samples, infer_config, postproc_config, progress=progress
+        model, samples, infer_config, postproc_config, progress=progress, inferer=inferer
     ):
         if save_pred_dir is not None:
             arrays: dict[str, np.ndarray] = {"inst_map": pred_inst.astype(np.int32)}

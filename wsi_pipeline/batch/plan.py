@@ -14,6 +14,7 @@ from typing import Any
 
 from wsi_pipeline.batch.marker import OUTPUT_FORMAT
 from wsi_pipeline.config import RunConfig, checksum, file_checksum
+from wsi_pipeline.engine.infer import InferenceConfig
 from wsi_pipeline.engine.postproc import PostprocConfig
 from wsi_pipeline.slide import DEFAULT_MASK_MPP
 
@@ -68,6 +69,14 @@ def default_tile_size() -> int:
     from wsi_pipeline.engine.infer import ALIGN
 
     return max(1, round(DEFAULT_TILE_PX / ALIGN)) * ALIGN
+
+
+def inference_config(config: RunConfig, torch_threads: int | None) -> InferenceConfig:
+    """How the workers run the network for these options (one place for run and benchmarks)."""
+    return InferenceConfig(
+        device=config.device, threads=torch_threads, batch_size=config.batch_size, bf16=config.bf16,
+        runtime=config.runtime, window=config.window,
+    )
 
 
 def prepare_model(config: RunConfig) -> ModelInfo:

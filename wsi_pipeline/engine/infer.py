@@ -57,6 +57,7 @@ checked by ``tests/test_infer.py`` on a real MoNuSeg crop (300x200 px):
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -367,6 +368,10 @@ DEFAULT_WINDOW = 768
 EDGE_REACH = 8
 
 
+# (window start, first output px it contributes, end px) along one axis.
+Span = tuple[int, int, int]
+
+
 @dataclass(frozen=True)
 class WindowPlan:
     """Windows along one axis: ``count`` windows of ``output`` px, ``step`` apart (overlap
@@ -385,7 +390,7 @@ class WindowPlan:
     def coverage(self) -> int:
         return self.output + (self.count - 1) * self.step
 
-    def spans(self) -> list[tuple[int, int, int]]:
+    def spans(self) -> list[Span]:
         """(window start, first output px it contributes, end px), all in tile coordinates."""
         out = []
         for i in range(self.count):
@@ -524,11 +529,10 @@ class TileInferer:
             )
         return out
 
-    def infer(self, image: np.ndarray) -> Maps:
-        """NP probability, HV and TP probability maps covering the whole ``image``.
+    def window_batches(self, image: np.ndarray) -> Iterator[tuple[list[tuple[Span, Span]], np.ndarray]]:
+        """The windows :meth:`infer` runs over ``image``: (their (row, col) spans, uint8 batch).
 
-        ``image``: (H, W, 3) uint8 RGB at the model's µm/px. Raises :class:`ModelError`
-        for anything else (0-1 floats, grayscale, 16-bit, channels-first, tiny images).
+        Public so benchmarks can time the forward passes alone over exactly these windows.
         """
         problem = _image_problem(image, self.min_side)
         if problem is not None:
@@ -541,15 +545,23 @@ class TileInferer:
         # only feeds outputs that are cropped away, so numpy's repeated reflection is fine.
         padded = np.pad(image, ((ctx, ctx + extra_y), (ctx, ctx + extra_x), (0, 0)), mode="reflect")
         in_h, in_w = self.input_side(rows.output), self.input_side(cols.output)
-
-        np_prob = np.empty((height, width), np.float32)
-        hv = np.empty((2, height, width), np.float32)
-        tp_prob = None if self.num_types is None else np.empty((self.num_types, height, width), np.float32)
         windows = [(r, c) for r in rows.spans() for c in cols.spans()]
         bs = self.config.batch_size
         for start in range(0, len(windows), bs):
             chunk = windows[start : start + bs]
-            batch = np.stack([padded[r[0] : r[0] + in_h, c[0] : c[0] + in_w] for r, c in chunk])
+            yield chunk, np.stack([padded[r[0] : r[0] + in_h, c[0] : c[0] + in_w] for r, c in chunk])
+
+    def infer(self, image: np.ndarray) -> Maps:
+        """NP probability, HV and TP probability maps covering the whole ``image``.
+
+        ``image``: (H, W, 3) uint8 RGB at the model's µm/px. Raises :class:`ModelError`
+        for anything else (0-1 floats, grayscale, 16-bit, channels-first, tiny images).
+        """
+        height, width = image.shape[:2]
+        np_prob = np.empty((height, width), np.float32)
+        hv = np.empty((2, height, width), np.float32)
+        tp_prob = None if self.num_types is None else np.empty((self.num_types, height, width), np.float32)
+        for chunk, batch in self.window_batches(image):
             pred = self.predict(batch)
             for i, ((y0, ya, yb), (x0, xa, xb)) in enumerate(chunk):
                 src = (slice(ya - y0, yb - y0), slice(xa - x0, xb - x0))
