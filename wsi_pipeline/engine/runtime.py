@@ -239,6 +239,23 @@ class OpenVINORuntime:
 
     # -------------------------------------------------------------- conversion + cache
     def _converted(self, model: nn.Module) -> Any:
+        """The converted model from the cache, or converted now (and cached). Workers of one
+        machine starting together take turns (a file lock): one converts, the others read."""
+        from filelock import FileLock, Timeout
+
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            lock: Any = FileLock(str(self.folder / f"{self.key}.lock"), timeout=600)
+            lock.acquire()
+        except (OSError, Timeout):
+            lock = None  # no shared cache: convert in this process alone
+        try:
+            return self._converted_locked(model)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _converted_locked(self, model: nn.Module) -> Any:
         xml = self.folder / f"{self.key}.xml"
         if xml.is_file() and xml.with_suffix(".bin").is_file():
             try:
@@ -343,11 +360,18 @@ class OpenVINORuntime:
             return compiled
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        # One window per call: on the CPU a batch of large windows is no faster than the
+        # same windows in turn, and a fixed batch of 1 means one compiled executable per
+        # window shape instead of one per (batch size, shape).
         batch = np.ascontiguousarray(batch, dtype=np.uint8)
-        request = self._request(tuple(batch.shape))
-        request.infer({0: batch})
+        request = self._request((1, *batch.shape[1:]))
         names = ("np_prob", "hv", "tp_prob") if self.with_types else ("np_prob", "hv")
-        return {name: np.array(request.get_output_tensor(i).data, dtype=np.float32) for i, name in enumerate(names)}
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+        for i in range(batch.shape[0]):
+            request.infer({0: batch[i : i + 1]})
+            for j, name in enumerate(names):
+                parts[name].append(np.array(request.get_output_tensor(j).data, dtype=np.float32))
+        return {name: np.concatenate(chunks) for name, chunks in parts.items()}
 
 
 def make_runtime(
