@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _helpers import plumbing_model
+from _helpers import assert_same_results, plumbing_model
 
 from wsi_pipeline.batch import (
     DONE_MARKER,
@@ -33,6 +33,7 @@ from wsi_pipeline.batch import (
     run_batch,
     zarr_chunk,
 )
+from wsi_pipeline.batch.checkpoint import saved_tiles
 from wsi_pipeline.cli import main
 from wsi_pipeline.config import SCHEDULER_ENV, RunConfig
 from wsi_pipeline.errors import ConfigError, SlideError
@@ -209,9 +210,59 @@ def test_an_interrupted_slide_leaves_nothing_visible(tmp_path: Path, assets: dic
 
     with pytest.raises(Interrupt):
         run_batch([assets["slide"]], out, config(assets, scheduler), on_tile=stop)
-    assert sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME) == ["batch_report.json", "process_list.csv"]
+    visible = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert visible == ["batch_report.json", "process_list.csv"]
+    assert hidden(out) == [".good.partial"]  # the tile it completed, for the rerun to resume
     listed = rows(out)[assets["slide"].name]
-    assert listed["status"] == "failed" and "interrupted" in listed["reason"] and "rerun" in listed["reason"]
+    assert listed["status"] == "failed" and "interrupted" in listed["reason"]
+    assert "its 1 completed tile(s) are kept, and a rerun resumes from them" in listed["reason"]
+
+
+def interrupted_after(out: Path, slide: Path, tiles: int, settings: RunConfig) -> None:
+    """Run the batch and interrupt it (as Ctrl-C would) once ``tiles`` tiles are stitched."""
+    seen: list[int] = []
+
+    def stop(result) -> None:
+        seen.append(result.index)
+        if len(seen) == tiles:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_batch([slide], out, settings, on_tile=stop)
+    assert saved_tiles(partial_dir(out, slide.stem)) == tiles
+
+
+def test_an_interrupted_slide_resumes_from_its_completed_tiles(
+    first_run, tmp_path: Path, assets: dict[str, Path], scheduler: str
+) -> None:
+    slide, out = first_run[0] / "good.tif", tmp_path / "out"
+    interrupted_after(out, slide, 4, config(assets, scheduler))
+    said: list[str] = []
+    again = run_batch([slide], out, config(assets, scheduler), on_start=lambda job, why: said.append(why))
+    assert said == ["resumed: 4 tile(s) completed by an interrupted run are reused"]
+    outcome = again.outcomes[0]
+    assert outcome.status == "done" and outcome.reason == "resumed: 4 of 9 tiles from an interrupted run"
+    assert_same_results(out / "good", first_run[1] / "good", "good")  # same ids, polygons, labels
+    report = json.loads((out / "good" / "report.json").read_text())
+    assert report["tiles"]["resumed"] == 4 and report["tiles"]["processed"] == 9
+    assert hidden(out) == [] and not (out / "good" / ".tiles").exists()  # the checkpoint goes with publishing
+    assert rows(out)["good.tif"]["status"] == "done"
+
+
+def test_partial_results_of_a_changed_slide_are_discarded_saying_so(
+    first_run, tmp_path: Path, assets: dict[str, Path], scheduler: str
+) -> None:
+    slide, out = tmp_path / "good.tif", tmp_path / "out"
+    shutil.copy(first_run[0] / "good.tif", slide)
+    interrupted_after(out, slide, 2, config(assets, scheduler))
+    os.utime(slide, ns=(slide.stat().st_atime_ns, slide.stat().st_mtime_ns + 10**9))  # re-scanned, say
+    said: list[str] = []
+    again = run_batch([slide], out, config(assets, scheduler), on_start=lambda job, why: said.append(why))
+    assert said == [f"discarded: the partial results in {partial_dir(out, 'good')} are not reused: "
+                    "the slide file's modification time changed since"]
+    assert again.outcomes[0].status == "done" and again.outcomes[0].reason == ""
+    assert json.loads((out / "good" / "report.json").read_text())["tiles"]["resumed"] == 0
+    assert_same_results(out / "good", first_run[1] / "good", "good")
 
 
 def test_csv_rows_relative_to_the_csv_and_missing_files(tmp_path: Path, assets: dict[str, Path]) -> None:

@@ -183,35 +183,50 @@ def test_a_changed_or_deleted_output_is_redone(tmp_path: Path, assets: dict[str,
     assert fourth.returncode == 0 and "skipped small" in fourth.stdout
 
 
+def saved_tiles(out: Path, name: str) -> int:
+    """Tile results the run has checkpointed so far in its partial folder."""
+    return len(list((out / f".{name}.partial" / ".tiles").glob("tile-*.npz")))
+
+
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
-def test_a_killed_driver_then_a_rerun_gives_identical_outputs(
+def test_a_killed_driver_then_a_rerun_resumes_and_gives_identical_outputs(
     how: str, tmp_path: Path, assets: dict[str, Path], reference: Path
 ) -> None:
+    """Killed at about half of the slide's tiles: the rerun resumes from the checkpointed
+    tiles, computes only the others and writes the outputs of an undisturbed run."""
     out = tmp_path / "out"
+    total = json.loads((reference / "large" / "report.json").read_text())["tiles"]["processed"]
     driver = start(command(assets, assets["large"], out=out))
     try:
-        wait_for(lambda: (out / ".large.partial").is_dir(), what="the slide to start")
-        time.sleep(2.0)  # a few tiles in
+        wait_for(lambda: saved_tiles(out, "large") >= total // 2, what="half of the tiles")
         if how == "SIGTERM":
             driver.send_signal(signal.SIGTERM)
             code, _, err = finish(driver, timeout=120)
             assert code == 143, err
             assert "interrupted by SIGTERM" in err and "Traceback" not in err
-            assert not (out / ".large.partial").exists()  # cleaned up
             row = process_rows(out)["large"]
             assert row["status"] == "failed" and "interrupted (SIGTERM)" in row["reason"]
+            assert "completed tile(s) are kept, and a rerun resumes from them" in row["reason"]
         else:
             driver.send_signal(signal.SIGKILL)
             driver.wait(timeout=60)
-            assert (out / ".large.partial").is_dir()  # nothing could clean up
     finally:
         kill_group(driver)
+    kept = saved_tiles(out, "large")
+    assert total // 2 <= kept < total  # the partial folder holds the completed tiles
     assert not (out / "large").exists()  # nothing half-written under the real name
     rerun = run(command(assets, assets["large"], out=out))
     assert rerun.returncode == 0, rerun.stderr
+    assert f"resume  large: {kept} tile(s) completed by an interrupted run are reused" in rerun.stdout
     assert not (out / ".large.partial").exists()
     assert_same_results(out / "large", reference / "large", "large")
-    assert process_rows(out)["large"]["status"] == "done"
+    report = json.loads((out / "large" / "report.json").read_text())
+    assert report["tiles"]["resumed"] == kept and report["tiles"]["processed"] == total
+    row = process_rows(out)["large"]
+    assert row["status"] == "done" and row["reason"] == f"resumed: {kept} of {total} tiles from an interrupted run"
+    undisturbed = float(process_rows(reference)["large"]["seconds"])
+    print(f"\nresume after {how} at {kept}/{total} tiles: slide {float(row['seconds']):.1f} s "
+          f"vs {undisturbed:.1f} s undisturbed")
 
 
 @pytest.mark.parametrize("where", ["under_a_file", "proc", "read_only_mount"])

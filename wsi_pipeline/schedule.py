@@ -442,9 +442,16 @@ def stream_tiles(
     held: Callable[[], int] = lambda: 0,
     retries: int = 2,
     fn: Callable[[Any], Any] | None = None,
+    replay: Iterable[Any] = (),
+    consume_replayed: Callable[[Any], None] | None = None,
 ) -> None:
     """Run ``fn`` (default :func:`~wsi_pipeline.worker.process_tile`) on every task and
     hand each result to ``consume`` as it completes.
+
+    ``replay``: results computed before (the tiles a resumed slide's checkpoint holds),
+    handed to ``consume_replayed`` (default ``consume``) in their order once the first
+    tasks are submitted, so the workers compute while the driver replays; results that
+    complete meanwhile are collected between two replayed ones.
 
     At most ``max_in_flight`` tiles are submitted-or-held at once, where ``held()`` is the
     number of results the consumer still buffers (the stitcher's reorder buffer): memory
@@ -480,17 +487,24 @@ def stream_tiles(
             live.add(future)
             running.add(future)
 
+    def collect(future: Any) -> None:
+        live.discard(future)
+        result = future.result()
+        future.release()
+        if isinstance(result, TaskFailure):
+            raise result.error
+        consume(result)
+        submit_more()
+
     try:
         submit_more()
-        while live:
-            future = next(running)
-            live.discard(future)
-            result = future.result()
-            future.release()
-            if isinstance(result, TaskFailure):
-                raise result.error
-            consume(result)
+        for result in replay:
+            (consume_replayed or consume)(result)
+            while running.has_ready():
+                collect(next(running))
             submit_more()
+        while live:
+            collect(next(running))
     finally:
         if live:
             client.cancel(list(live))

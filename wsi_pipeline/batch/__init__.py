@@ -3,7 +3,8 @@
 - :mod:`~wsi_pipeline.batch.inputs`: files, folders and CSVs -> slide jobs with stable names;
 - :mod:`~wsi_pipeline.batch.plan`: the model, tile geometry and settings checksum, once;
 - :mod:`~wsi_pipeline.batch.marker`: slide identity, output manifest, the done marker;
-- :mod:`~wsi_pipeline.batch.one_slide`: one slide end to end, skip / partial / publish;
+- :mod:`~wsi_pipeline.batch.checkpoint`: the completed tiles of an unfinished slide, for resume;
+- :mod:`~wsi_pipeline.batch.one_slide`: one slide end to end, skip / partial / resume / publish;
 - :mod:`~wsi_pipeline.batch.lock`: one run per out folder;
 - :mod:`~wsi_pipeline.batch.runner`: the batch with resume, process list and batch report.
 """

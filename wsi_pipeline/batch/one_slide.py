@@ -14,6 +14,12 @@ renamed to ``OUT/<name>/`` only when complete, so a reader never sees half a sli
 interrupted run leaves nothing under the real name; a failure is recorded, never raised.
 The out-folder lock (:mod:`wsi_pipeline.batch.lock`) guarantees the partial folder is this
 run's alone.
+
+The partial folder also holds the tiles completed so far (:mod:`wsi_pipeline.batch.checkpoint`).
+An interrupted or killed run leaves it behind; the next run resumes from it when it was made
+for the same slide file, model and settings (and discards it, saying why, otherwise): the
+saved tile results are replayed into a fresh stitcher while the workers compute the missing
+tiles, so the outputs equal an undisturbed run's.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from wsi_pipeline.batch.checkpoint import TileCheckpoint, has_checkpoint
 from wsi_pipeline.batch.inputs import SlideJob
 from wsi_pipeline.batch.marker import (
     other_results,
@@ -40,6 +47,7 @@ from wsi_pipeline.batch.plan import ModelInfo, resolved_config, zarr_chunk
 from wsi_pipeline.config import RunConfig
 from wsi_pipeline.engine.infer import DEFAULT_WINDOW, InferenceConfig, bf16_native_note
 from wsi_pipeline.errors import WsiPipelineError
+from wsi_pipeline.outputs.report import SlideReport
 from wsi_pipeline.schedule import RunCluster, stream_tiles
 from wsi_pipeline.slide import DEFAULT_MASK_MPP, SlideSpec, tissue_mask
 from wsi_pipeline.tiling import Tile, grid_shape, target_size, tile_grid
@@ -129,15 +137,35 @@ def engine_description(config: RunConfig, used: dict[str, int]) -> dict[str, Any
     return out
 
 
-def process_slide(job: SlideJob, run: SlideRun, folder: Path) -> tuple[int, dict[str, Any]]:
-    """Process one slide into ``folder`` (which must exist and be empty); returns
-    (nuclei, report dict). Raises what goes wrong; the caller records it."""
+@dataclass
+class _ResumableReport(SlideReport):
+    """The slide report plus how many tiles came from an interrupted run's checkpoint
+    (``tiles.resumed`` in report.json; their stage seconds are the earlier run's)."""
+
+    tiles_resumed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        data["tiles"]["resumed"] = int(self.tiles_resumed)
+        return data
+
+
+def process_slide(
+    job: SlideJob, run: SlideRun, folder: Path, checkpoint: TileCheckpoint | None = None
+) -> tuple[int, dict[str, Any]]:
+    """Process one slide into ``folder`` (which must exist and be empty but for the
+    checkpoint); returns (nuclei, report dict). Raises what goes wrong; the caller records it.
+
+    With ``checkpoint``, every tile result is saved there as it arrives, and the tiles it
+    already holds are not computed again: their results are replayed into the stitcher in
+    tile order (while the workers compute the others), which rebuilds the outputs from
+    scratch exactly as an undisturbed run writes them."""
     from tqdm import tqdm
 
     from wsi_pipeline.outputs.geojson import GeoJSONWriter
     from wsi_pipeline.outputs.parquet import NucleiParquet
     from wsi_pipeline.outputs.qc import NucleiQC, choose_crops, qc_warnings, read_crops
-    from wsi_pipeline.outputs.report import NucleiDensity, SlideReport, per_class_counts, write_report
+    from wsi_pipeline.outputs.report import NucleiDensity, per_class_counts, write_report
     from wsi_pipeline.outputs.zarr_store import NucleiZarr
     from wsi_pipeline.stitch import Stitcher
     from wsi_pipeline.worker import TileTask
@@ -179,16 +207,30 @@ def process_slide(job: SlideJob, run: SlideRun, folder: Path) -> tuple[int, dict
         device=config.device, threads=run.cluster.torch_threads, batch_size=config.batch_size, bf16=config.bf16,
         runtime=config.runtime, window=config.window,
     )
-    tasks = (TileTask(spec, tile, str(model.path), model.mpp, infer, model.postproc) for tile in tiles)
+    saved = checkpoint.bind(tiles) if checkpoint is not None else set()
+    tasks = (
+        TileTask(spec, tile, str(model.path), model.mpp, infer, model.postproc)
+        for tile in tiles
+        if tile.index not in saved
+    )
     nuclei_seen = 0
+    checkpoint_seconds = 0.0
     bar = tqdm(total=len(tiles), desc=job.name, unit="tile", disable=not config.progress, leave=True, file=sys.stderr)
 
-    def consume(result: Any) -> None:
+    def stitch(result: Any) -> None:
         nonlocal nuclei_seen
         stitcher.add(result)
         nuclei_seen += len(result.nuclei)
         bar.update(1)
         bar.set_postfix(nuclei=nuclei_seen, refresh=False)
+
+    def consume(result: Any) -> None:
+        nonlocal checkpoint_seconds
+        if checkpoint is not None:  # saved first: once it is on disk, a kill no longer costs this tile
+            t0 = time.perf_counter()
+            checkpoint.save(result)
+            checkpoint_seconds += time.perf_counter() - t0
+        stitch(result)
         if run.on_tile is not None:
             run.on_tile(result)
 
@@ -201,6 +243,8 @@ def process_slide(job: SlideJob, run: SlideRun, folder: Path) -> tuple[int, dict
             max_in_flight=run.max_in_flight,
             held=lambda: stitcher.buffered,
             retries=config.retries,
+            replay=checkpoint.replay(tiles) if saved and checkpoint is not None else (),
+            consume_replayed=stitch,
         )
         stats = stitcher.finish()
     finally:
@@ -239,11 +283,11 @@ def process_slide(job: SlideJob, run: SlideRun, folder: Path) -> tuple[int, dict
     seconds["startup"] = sum(startup.values())
     seconds.update(
         write=float(stats.seconds.get("write", 0.0)) + close_seconds, tissue=tissue_seconds, tiles_wall=tiles_wall,
-        reread=reread_seconds,
+        reread=reread_seconds, checkpoint=checkpoint_seconds,
     )
     grid_rows, grid_cols = grid_shape(width0, height0, mpp0, model.mpp, model.tile_size)
     quality = qc.summary()
-    report = SlideReport(
+    report = _ResumableReport(
         slide=str(job.path),
         name=job.name,
         width=width0,
@@ -271,6 +315,7 @@ def process_slide(job: SlideJob, run: SlideRun, folder: Path) -> tuple[int, dict
         + qc_warnings(quality, stats.edge_touching, model.margin),
         qc=quality,
         crops=[crop.to_dict() for crop in crops],
+        tiles_resumed=len(saved),
     )
     write_report(folder, report, thumbnail=thumbnail, tissue=tissue, density=density, crops=crops)
     return stats.nuclei, report.to_dict()
@@ -332,12 +377,38 @@ def _check_existing(
     return "run", f"redone: {problem}", marker
 
 
+def _open_partial(partial: Path, checkpoint: TileCheckpoint) -> str:
+    """Prepare the slide's partial folder: resume the checkpoint an interrupted run left
+    there when it belongs to this slide, model and settings, else start afresh. Returns
+    what to tell the user ("" when there is nothing to say)."""
+    note = ""
+    if partial.exists():  # the lock says no other run owns it
+        if has_checkpoint(partial):
+            problem = checkpoint.mismatch()
+            if problem is None:
+                kept = checkpoint.resume()
+                return f"resumed: {kept} tile(s) completed by an interrupted run are reused" if kept else ""
+            note = f"discarded: the partial results in {partial} are not reused: {problem}"
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    checkpoint.start()
+    return note
+
+
 def run_slide_job(
     job: SlideJob, run: SlideRun, out: Path, on_start: Callable[[SlideJob, str], None] | None = None
 ) -> SlideOutcome:
-    """One slide with the batch rules: skip if verifiably done, write into a partial folder,
-    publish it when complete, record any failure. ``on_start(job, why)`` is called before a
-    slide is processed (the CLI says why a slide done before is redone)."""
+    """One slide with the batch rules: skip if verifiably done, write into a partial folder
+    (resuming an interrupted run's completed tiles), publish it when complete, record any
+    failure. ``on_start(job, why)`` is called before a slide is processed, with ``why`` the
+    lines the user should see first (why a slide done before is redone, that completed
+    tiles are resumed or why they are discarded; "" when there is nothing to say).
+
+    An interruption (:class:`KeyboardInterrupt`, the CLI's SIGTERM) keeps the partial
+    folder with its completed tiles; so does an unexpected failure (a lost worker, a full
+    disk, a bug), whose rerun then resumes. A user error of the slide (an unreadable file)
+    removes it: the same file fails the same way, and a repaired one is another file.
+    """
     final = out / job.name
     outcome = SlideOutcome(str(job.path), job.name, "failed")
     if job.problem is not None:
@@ -345,6 +416,7 @@ def run_slide_job(
         return outcome
     started = time.perf_counter()
     partial = partial_dir(out, job.name)
+    checkpoint: TileCheckpoint | None = None
     try:
         identity = slide_identity(job.path)
         action, why, marker = _check_existing(run, final, identity)
@@ -356,26 +428,36 @@ def run_slide_job(
             outcome.nuclei, outcome.out_dir = marker.get("nuclei"), str(final)
             outcome.seconds = time.perf_counter() - started
             return outcome
+        checkpoint = TileCheckpoint(partial, {"identity": identity, "model_checksum": run.model.checksum,
+                                              "config_checksum": run.config_checksum})
+        notes = [note for note in (why, _open_partial(partial, checkpoint)) if note]
         if on_start is not None:
-            on_start(job, why)
-        if partial.exists():
-            shutil.rmtree(partial)  # left by an interrupted run (the lock says no other run owns it)
-        partial.mkdir(parents=True)
-        nuclei, report = process_slide(job, run, partial)
+            on_start(job, "\n".join(notes))
+        nuclei, report = process_slide(job, run, partial, checkpoint)
+        checkpoint.remove()  # not an output: the manifest and the published folder never hold it
         write_done_marker(partial, identity, run.model.name, run.model.checksum, run.config_checksum, nuclei,
                           report["seconds"]["wall"])
         _publish(partial, final)
     except Exception as exc:
-        shutil.rmtree(partial, ignore_errors=True)
         outcome.reason = failure_reason(exc)
         if not isinstance(exc, WsiPipelineError | OSError):
             outcome.reason += f"; traceback in {_save_traceback(out, job.name, exc)}"
+        if checkpoint is not None and checkpoint.indices and not isinstance(exc, WsiPipelineError):
+            outcome.reason += (f"; its {len(checkpoint.indices)} completed tile(s) are kept in {partial}, "
+                               "and a rerun resumes from them")
+        else:
+            shutil.rmtree(partial, ignore_errors=True)
         outcome.seconds = time.perf_counter() - started
         return outcome
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        if checkpoint is None or not checkpoint.indices:
+            shutil.rmtree(partial, ignore_errors=True)  # nothing worth resuming
         raise
     outcome.status, outcome.nuclei, outcome.out_dir = "done", nuclei, str(final)
-    outcome.reason, outcome.warnings = why, list(report.get("warnings", []))
+    resumed = int(report["tiles"].get("resumed", 0))
+    notes = [why] if why else []
+    if resumed:
+        notes.append(f"resumed: {resumed} of {report['tiles']['processed']} tiles from an interrupted run")
+    outcome.reason, outcome.warnings = "; ".join(notes), list(report.get("warnings", []))
     outcome.seconds = time.perf_counter() - started
     return outcome

@@ -10,8 +10,11 @@ the batch report are rewritten atomically. Both keep every slide this out folder
 across runs: a rerun on part of the slides updates their rows and keeps the others.
 
 An interruption (Ctrl-C, or the SIGTERM a scheduler sends, turned into
-:class:`~wsi_pipeline.errors.Interrupted` by the CLI) removes the slide's partial folder,
-records the slide as interrupted and still writes both lists before the run ends.
+:class:`~wsi_pipeline.errors.Interrupted` by the CLI) keeps the slide's partial folder with
+the tiles completed so far (:mod:`wsi_pipeline.batch.checkpoint`), records the slide as
+interrupted and still writes both lists before the run ends; the rerun resumes the slide.
+Partial folders a SIGKILL left behind are resumed the same way; those that cannot be
+(no checkpoint) are removed under the lock.
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from wsi_pipeline.atomic import write_text_atomic
+from wsi_pipeline.batch.checkpoint import has_checkpoint, saved_tiles
 from wsi_pipeline.batch.inputs import SlideJob, gather_inputs, name_jobs
 from wsi_pipeline.batch.lock import out_folder_lock
 from wsi_pipeline.batch.marker import marker_owner, read_done_marker
-from wsi_pipeline.batch.one_slide import SlideOutcome, SlideRun, run_slide_job
+from wsi_pipeline.batch.one_slide import SlideOutcome, SlideRun, partial_dir, run_slide_job
 from wsi_pipeline.batch.plan import prepare_model, settings_checksum
 from wsi_pipeline.config import RunConfig
 from wsi_pipeline.errors import ConfigError, Interrupted
@@ -98,10 +102,15 @@ def existing_owners(out: Path) -> dict[str, str]:
 
 
 def remove_stale_partials(out: Path) -> list[Path]:
-    """Delete partial and half-replaced folders of runs that were killed (we hold the lock)."""
+    """Delete what killed runs left that cannot be resumed (we hold the lock): half-replaced
+    ``.old`` folders and partial folders without a checkpoint. Partial folders with one are
+    kept: the slide's run decides whether they belong to it (same slide file, model and
+    settings) and resumes or discards them."""
     removed = []
     for entry in out.iterdir():
-        if entry.is_dir() and entry.name.startswith(".") and entry.name.endswith((".partial", ".old")):
+        if not (entry.is_dir() and entry.name.startswith(".")):
+            continue
+        if entry.name.endswith(".old") or (entry.name.endswith(".partial") and not has_checkpoint(entry)):
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     return removed
@@ -162,6 +171,17 @@ def _report_row(row: dict[str, Any]) -> dict[str, Any]:
         "out_dir": row.get("out_dir") or None,
         "warnings": [w for w in str(row.get("warnings") or "").split(WARNING_SEPARATOR) if w],
     }
+
+
+def interrupted_outcome(job: SlideJob, exc: BaseException, out: Path) -> SlideOutcome:
+    """The process-list row of a slide an interruption stopped: what stopped it and what
+    a rerun will reuse."""
+    why = exc.describe() if isinstance(exc, Interrupted) else type(exc).__name__
+    kept = saved_tiles(partial_dir(out, job.name))
+    then = (f"its {kept} completed tile(s) are kept, and a rerun resumes from them" if kept
+            else "rerun to process it")
+    return SlideOutcome(str(job.path), job.name, "failed", f"interrupted ({why}) before it finished; {then}",
+                        finished=datetime.now(UTC).isoformat(timespec="seconds"))
 
 
 def run_batch(
@@ -229,10 +249,7 @@ def run_batch(
                         on_slide(outcome)
             except BaseException as exc:
                 if job is not None:
-                    why = exc.describe() if isinstance(exc, Interrupted) else type(exc).__name__
-                    outcomes.append(SlideOutcome(str(job.path), job.name, "failed",
-                                                 f"interrupted ({why}) before it finished; rerun to process it",
-                                                 finished=datetime.now(UTC).isoformat(timespec="seconds")))
+                    outcomes.append(interrupted_outcome(job, exc, out))
                 raise
             finally:
                 batch_report = write_lists()

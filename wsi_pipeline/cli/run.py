@@ -144,8 +144,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"warning {outcome.name}: {warning}", file=sys.stderr, flush=True)
 
     def starting(job: SlideJob, why: str) -> None:
-        if why:  # a slide with earlier outputs: say why they are not reused
-            print(f"redo    {job.name}: {why.removeprefix('redone: ')}", flush=True)
+        # Earlier outputs not reused (redone: ...), an interrupted run's tiles reused
+        # (resumed: ...) or not (discarded: ...).
+        for line in why.splitlines():
+            word, _, text = line.partition(": ")
+            label = {"redone": "redo", "resumed": "resume", "discarded": "discard"}.get(word, word)
+            print(f"{label:7s} {job.name}: {text}", flush=True)
 
     with stop_on_sigterm():
         summary = run_batch(args.inputs, args.out, config, on_slide=report, on_start=starting)
