@@ -21,6 +21,20 @@ def _require(path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _engine_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """One OpenVINO conversion cache for the whole session (and the CLI subprocesses it
+    starts), never the user's ~/.cache: tests start from an empty cache and share it."""
+    folder = tmp_path_factory.mktemp("engine-cache")
+    before = os.environ.get("WSI_PIPELINE_CACHE")
+    os.environ["WSI_PIPELINE_CACHE"] = str(folder)
+    yield
+    if before is None:
+        os.environ.pop("WSI_PIPELINE_CACHE", None)
+    else:
+        os.environ["WSI_PIPELINE_CACHE"] = before
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """Root of the real annotated data (../shared/data)."""
