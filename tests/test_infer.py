@@ -383,3 +383,15 @@ def test_a_model_openvino_cannot_convert_falls_back_to_torch_with_one_warning(ov
         inferer = TileInferer(Untraceable(), InferenceConfig(runtime="auto"), label="my-probe")
     assert inferer.runtime.name == "torch"
     np.testing.assert_allclose(inferer.infer(image).np_prob, probe_expected(image, inferer.context).np_prob, atol=1e-6)
+
+
+def test_the_report_says_when_bf16_auto_ran_in_f32():
+    from wsi_pipeline.engine.infer import bf16_native_note
+
+    note = bf16_native_note("auto", "cpu", {"openvino f32": 3}, native=False)
+    assert "no native bf16" in note and "3 tile(s) ran in f32" in note
+    assert "emulated" in bf16_native_note(True, "cpu", {"torch bf16": 1}, native=False)
+    assert bf16_native_note("auto", "cpu", {"openvino bf16": 2}, native=True) == ""
+    assert bf16_native_note(False, "cpu", {"torch f32": 2}, native=False) == ""
+    # On this machine, the real probe: a native CPU needs no note.
+    assert (bf16_native_note("auto", "cpu", {"openvino f32": 1}) == "") == bf16_supported("cpu")

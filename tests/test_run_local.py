@@ -60,6 +60,15 @@ def test_cli_run_on_a_local_cluster(tmp_path: Path, assets: dict[str, Path], cap
     total = report["nuclei"]["total"]
     assert total > 0 and report["tiles"]["processed"] == 4 and report["tiles"]["margin"] == 0
     assert set(report["tiles"]["seconds"]) >= {"count", "mean", "max"} and report["tiles"]["seconds"]["count"] == 4
+    # Start-up is its own stage: the driver's model load, the cluster and the worker's model
+    # load + runtime conversion/compilation, all charged to this (the run's first) slide.
+    startup = report["startup"]
+    assert set(startup) == {"model", "cluster", "workers"} and all(v > 0 for v in startup.values())
+    assert report["seconds"]["startup"] == pytest.approx(sum(startup.values()))
+    engine = report["engine"]
+    assert engine["runtime"] == "auto" and engine["window"] == 768
+    assert sum(engine["tiles_by_engine"].values()) == 4
+    assert set(engine["tiles_by_engine"]) <= {"openvino f32", "openvino bf16", "torch f32", "torch bf16"}
 
     features = geojson_features(folder / "crop.geojson")
     store = zarr.open_group(folder / "crop.zarr", mode="r")

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _helpers import content
 from PIL import Image
 
-from _helpers import content
 from wsi_pipeline.cli import main
 from wsi_pipeline.metrics import pq
 from wsi_pipeline.slide._image import ArraySlide

@@ -256,18 +256,20 @@ def bf16_supported(device: str | torch.device = "cpu") -> bool:
     return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
-def bf16_native_note(bf16: bool | str, device: str, used: dict[str, int]) -> str:
+def bf16_native_note(bf16: bool | str, device: str, used: dict[str, int], native: bool | None = None) -> str:
     """A line for the report when the arithmetic is not what ``--bf16`` suggests; else ''.
 
-    ``used``: tiles per "runtime precision" (:attr:`TileResult.engine` values).
+    ``used``: tiles per "runtime precision" (:attr:`TileResult.engine` values); ``native``:
+    whether ``device`` computes bf16 natively (default: :func:`bf16_supported`).
     """
+    native = bf16_supported(device) if native is None else native
     f32 = sum(n for engine, n in used.items() if engine.endswith(" f32"))
-    if bf16 == "auto" and f32 and not bf16_supported(device):
+    if bf16 == "auto" and f32 and not native:
         return (
             f"bf16 'auto': this {device.upper()} has no native bf16 (AVX-512 BF16 or AMX), so {f32} tile(s) "
             "ran in f32 (bf16 would be emulated, slower)"
         )
-    if bf16 is True and not bf16_supported(device):
+    if bf16 is True and not native:
         return f"bf16 was forced on a {device.upper()} without native bf16: it is emulated, slower than f32"
     return ""
 
