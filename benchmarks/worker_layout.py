@@ -15,6 +15,8 @@ width x0.0625 with its NP bias set to find nuclei. Each layout gets a fresh clus
 ``--repeat`` interleaves rounds so a drifting machine load hits every layout alike.
 
     .venv/bin/python benchmarks/worker_layout.py --json benchmarks/results/worker_layout.json
+    .venv/bin/python benchmarks/worker_layout.py --model hovernet-fast-w025-imp90 --runtime auto --bf16 auto \
+        --tile-size 1648 --tiles 6 --repeat 2
 """
 
 from __future__ import annotations
@@ -57,13 +59,15 @@ def tiny_model(folder: Path, width: float, slide_path: Path) -> Path:
     return save_model(model, folder / "random.safetensors", meta=meta)
 
 
-def tasks_for(slide_path: Path, model_path: Path, tile_size: int, count: int) -> list:
+def tasks_for(slide_path: Path, model_path: Path, tile_size: int, count: int, infer: dict) -> list:
     from wsi_pipeline.engine.infer import InferenceConfig
+    from wsi_pipeline.engine.registry import resolve_model
     from wsi_pipeline.engine.weights import load_model
     from wsi_pipeline.slide import SlideSpec, open_slide, tissue_mask
     from wsi_pipeline.tiling import tile_grid
     from wsi_pipeline.worker import TileTask, default_margin
 
+    model_path = resolve_model(str(model_path))
     model = load_model(model_path)
     mpp = float(model.meta["mpp"])
     margin = default_margin(model, mpp=mpp)
@@ -71,7 +75,8 @@ def tasks_for(slide_path: Path, model_path: Path, tile_size: int, count: int) ->
         tissue = tissue_mask(slide)
         tiles = tile_grid(slide.width, slide.height, (slide.mpp_x, slide.mpp_y), mpp, tile_size, margin, tissue)
     spec = SlideSpec(str(slide_path))
-    return [TileTask(spec, tile, str(model_path), mpp, InferenceConfig(threads=1)) for tile in tiles[:count]]
+    config = InferenceConfig(threads=1, **infer)
+    return [TileTask(spec, tile, str(model_path), mpp, config) for tile in tiles[:count]]
 
 
 def measure(name: str, tasks: list, warmup: list) -> dict:
@@ -95,7 +100,7 @@ def measure(name: str, tasks: list, warmup: list) -> dict:
     try:
         with Client(cluster) as client:
             stream_tiles(client, warm[: workers * threads], lambda r: None, max_in_flight=workers * threads)
-            stages = {"read": 0.0, "infer": 0.0, "postprocess": 0.0}
+            stages = {"setup": 0.0, "read": 0.0, "infer": 0.0, "postprocess": 0.0}
 
             def consume(result) -> None:
                 for key in stages:
@@ -123,7 +128,9 @@ def measure(name: str, tasks: list, warmup: list) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--slide", type=Path, default=REPO / "sample_slides" / "CMU-1-Small-Region-pyramid.tif")
-    parser.add_argument("--model", type=Path, default=None, help="checkpoint (default: random HoVer-Net fast)")
+    parser.add_argument("--model", default=None, help="model name or checkpoint (default: random HoVer-Net fast)")
+    parser.add_argument("--runtime", choices=("auto", "torch", "openvino"), default="torch")
+    parser.add_argument("--bf16", choices=("false", "true", "auto"), default="false")
     parser.add_argument("--width", type=float, default=0.0625, help="width of the random default model")
     parser.add_argument("--tile-size", type=int, default=328)
     parser.add_argument("--tiles", type=int, default=6)
@@ -133,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or tiny_model(Path(tmp), args.width, args.slide)
-        tasks = tasks_for(args.slide, model, args.tile_size, args.tiles + 2)
+        infer = {"runtime": args.runtime, "bf16": {"false": False, "true": True}.get(args.bf16, "auto")}
+        tasks = tasks_for(args.slide, model, args.tile_size, args.tiles + 2, infer)
         warmup, timed = tasks[-2:], tasks[: args.tiles]
         results = []
         for round_ in range(args.repeat):
@@ -145,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         "slide": str(args.slide),
         "model": str(args.model or f"random HoVer-Net fast x{args.width:g}"),
         "tile_size": args.tile_size,
+        "runtime": args.runtime,
+        "bf16": args.bf16,
         "cpus": len(os.sched_getaffinity(0)),
         "load_average_at_end": os.getloadavg(),
         "results": results,
