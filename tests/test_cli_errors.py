@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from _helpers import tiny_labelled_folder
+from _helpers import one_line_error, tiny_labelled_folder
 
 from wsi_pipeline.cli import build_parser, main
 
@@ -76,3 +76,14 @@ def test_run_accepts_every_slide_backend() -> None:
     run = _subparsers(build_parser())["run"]
     backend = next(a for a in run._actions if "--backend" in a.option_strings)
     assert set(backend.choices) == set(BACKENDS)
+
+
+def test_a_window_the_network_does_not_take_stops_the_run_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    slide = Path(__file__).resolve().parents[1] / "sample_slides" / "CMU-1-Small-Region-pyramid.tif"
+    out = tmp_path / "out"
+    assert main(["run", str(slide), "--out", str(out), "--window", "250", "--no-progress"]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert "window 250 px does not fit" in line and "--window 248" in line
+    assert not out.exists()  # refused while planning: no out folder, no cluster

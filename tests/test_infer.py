@@ -298,7 +298,7 @@ def test_window_plans_cover_each_pixel_once_on_the_stride_grid(window):
 
 
 def test_a_window_that_does_not_fit_is_refused_naming_the_valid_ones(model_factory):
-    with pytest.raises(ConfigError, match=r"window 250 px does not fit.*use one of 96, 104, 112"):
+    with pytest.raises(ConfigError, match=r"window 250 px does not fit.*inputs of 120, 128, 136.*--window 248"):
         TileInferer(model_factory(), InferenceConfig(window=250))
 
 

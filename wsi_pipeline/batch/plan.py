@@ -14,7 +14,7 @@ from typing import Any
 
 from wsi_pipeline.batch.marker import OUTPUT_FORMAT
 from wsi_pipeline.config import RunConfig, checksum, file_checksum
-from wsi_pipeline.engine.infer import InferenceConfig
+from wsi_pipeline.engine.infer import InferenceConfig, resolve_window
 from wsi_pipeline.engine.postproc import PostprocConfig
 from wsi_pipeline.slide import DEFAULT_MASK_MPP
 
@@ -40,6 +40,7 @@ class ModelInfo:
     tile_size: int
     meta: dict[str, Any] = field(repr=False)
     postproc: PostprocConfig = field(default_factory=PostprocConfig)
+    window: int = 0  # the network input side the workers use (resolved --window)
 
     def describe(self) -> dict[str, Any]:
         """The model as reports show it."""
@@ -102,6 +103,7 @@ def prepare_model(config: RunConfig) -> ModelInfo:
     postproc = model_postproc(model)
     margin = config.margin if config.margin is not None else int(default_margin(model, postproc, mpp=mpp))
     tile_size = config.tile_size or default_tile_size()
+    window = resolve_window(model, config.window)  # a bad --window stops the run here, in one line
     return ModelInfo(
         path=path,
         name=str(meta.get("name", path.stem)),
@@ -116,6 +118,7 @@ def prepare_model(config: RunConfig) -> ModelInfo:
         tile_size=tile_size,
         meta=meta,
         postproc=postproc,
+        window=window,
     )
 
 
@@ -127,6 +130,7 @@ def resolved_config(config: RunConfig, model: ModelInfo) -> dict[str, Any]:
         "tile_size": model.tile_size,
         "margin": model.margin,
         "target_mpp": model.mpp,
+        "window": model.window,
     }
 
 
@@ -137,6 +141,7 @@ def settings_checksum(config: RunConfig, model: ModelInfo) -> str:
         margin=model.margin,
         tile_size=model.tile_size,
         target_mpp=model.mpp,
+        window=model.window,
         postproc=asdict(model.postproc),
         mask_mpp=DEFAULT_MASK_MPP,
         output_format=OUTPUT_FORMAT,

@@ -82,6 +82,7 @@ __all__ = [
     "Tolerance",
     "WindowPlan",
     "bf16_native_note",
+    "resolve_window",
     "bf16_supported",
     "compare_maps",
 ]
@@ -374,6 +375,38 @@ EDGE_REACH = 8
 Span = tuple[int, int, int]
 
 
+def resolve_window(model: nn.Module, window: int | None) -> int:
+    """The window side to use for ``model`` (``None``: :data:`DEFAULT_WINDOW` for models
+    that take any size, the model's own input size otherwise); a side the network does not
+    take is a :class:`ConfigError` naming the valid ones. The driver checks ``--window``
+    with this before any worker starts."""
+    sizes = getattr(model, "output_size_for", None)
+    input_size = int(model.input_size)
+
+    def output(side: int) -> int | None:
+        if sizes is None:
+            return int(model.output_size) if side == input_size else None
+        try:
+            return int(sizes(side))
+        except ModelError:
+            return None
+
+    if window is None:
+        window = DEFAULT_WINDOW if sizes is not None else input_size
+    out = output(window)
+    if out is None or out <= 2 * EDGE_REACH + ALIGN:
+        valid = [n for n in range(96, 2049) if (output(n) or 0) > 2 * EDGE_REACH + ALIGN]
+        shown = ", ".join(map(str, valid[:6])) + (", ..." if len(valid) > 6 else "")
+        step = valid[1] - valid[0] if len(valid) > 1 else ALIGN
+        raise ConfigError(
+            None,
+            f"window {window} px does not fit this model (it takes inputs of {shown}: every {step} px; "
+            f"output = input - {input_size - int(model.output_size)})",
+            f"use --window {max(valid[0], min(valid, key=lambda n: abs(n - window)))}" if valid else "use the default",
+        )
+    return window
+
+
 @dataclass(frozen=True)
 class WindowPlan:
     """Windows along one axis: ``count`` windows of ``output`` px, ``step`` apart (overlap
@@ -447,22 +480,7 @@ class TileInferer:
         return [n for n in range(low, high + 1) if self.output_for(n) is not None]
 
     def _check_window(self, window: int | None) -> int:
-        if window is None:
-            window = DEFAULT_WINDOW if self._sizes is not None else self.input_size
-        if self.output_for(window) is None:
-            valid = self.valid_windows(96, 2048)
-            shown = ", ".join(map(str, valid[:6])) + (", ..." if len(valid) > 6 else "")
-            raise ConfigError(
-                None,
-                f"window {window} px does not fit this model (output = input - {2 * self.context} "
-                f"for the inputs it takes)",
-                f"use one of {shown} (every {valid[1] - valid[0] if len(valid) > 1 else ALIGN} px)",
-            )
-        if self.output_for(window) <= 2 * self._trim(self.output_for(window)):
-            raise ConfigError(
-                None, f"window {window} px leaves no output after the overlap trim", "use a larger window"
-            )
-        return window
+        return resolve_window(self.model, window)
 
     @staticmethod
     def _trim(output: int) -> int:
