@@ -549,14 +549,17 @@ class TileInferer:
             )
         return out
 
+    def _check_image(self, image: object) -> None:
+        problem = _image_problem(image, self.min_side)
+        if problem is not None:
+            raise ModelError(None, *problem)
+
     def window_batches(self, image: np.ndarray) -> Iterator[tuple[list[tuple[Span, Span]], np.ndarray]]:
         """The windows :meth:`infer` runs over ``image``: (their (row, col) spans, uint8 batch).
 
         Public so benchmarks can time the forward passes alone over exactly these windows.
         """
-        problem = _image_problem(image, self.min_side)
-        if problem is not None:
-            raise ModelError(None, *problem)
+        self._check_image(image)
         height, width = image.shape[:2]
         rows, cols = self.plan(height), self.plan(width)
         ctx = self.context
@@ -577,6 +580,7 @@ class TileInferer:
         ``image``: (H, W, 3) uint8 RGB at the model's µm/px. Raises :class:`ModelError`
         for anything else (0-1 floats, grayscale, 16-bit, channels-first, tiny images).
         """
+        self._check_image(image)
         height, width = image.shape[:2]
         np_prob = np.empty((height, width), np.float32)
         hv = np.empty((2, height, width), np.float32)
