@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -263,6 +264,41 @@ def test_partial_results_of_a_changed_slide_are_discarded_saying_so(
     assert again.outcomes[0].status == "done" and again.outcomes[0].reason == ""
     assert json.loads((out / "good" / "report.json").read_text())["tiles"]["resumed"] == 0
     assert_same_results(out / "good", first_run[1] / "good", "good")
+
+
+@pytest.mark.parametrize("in_flight", [2, 1])
+def test_the_next_slide_starts_while_the_previous_one_finishes(
+    first_run, tmp_path: Path, assets: dict[str, Path], scheduler: str, in_flight: int
+) -> None:
+    """Two slides in flight: the second slide's tiles reach its stitcher before the first
+    slide is recorded done (its last tiles, outputs and report overlap with them); with
+    --slides-in-flight 1 they never do. Outputs are the same either way."""
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for name in ("a", "b"):
+        shutil.copy(first_run[0] / "good.tif", folder / f"{name}.tif")
+    events: list[tuple[str, str]] = []
+    lock = threading.Lock()
+
+    def tile(_result) -> None:  # called in the slide's own thread
+        with lock:
+            events.append(("tile", threading.current_thread().name.removeprefix("slide ")))
+
+    def slide(outcome) -> None:
+        with lock:
+            events.append(("done", outcome.name))
+
+    out = tmp_path / "out"
+    summary = run_batch([folder], out, config(assets, scheduler, slides_in_flight=in_flight), on_tile=tile,
+                        on_slide=slide)
+    assert [o.status for o in summary.outcomes] == ["done", "done"]
+    first_b_tile, a_done = events.index(("tile", "b")), events.index(("done", "a"))
+    assert (first_b_tile < a_done) == (in_flight == 2), events
+    assert events.count(("tile", "a")) == events.count(("tile", "b")) == 9
+    assert hidden(out) == [] and sorted(rows(out)) == ["a.tif", "b.tif"]
+    assert all(row["status"] == "done" for row in rows(out).values())
+    nuclei = {o.name: o.nuclei for o in first_run[2].outcomes}["good"]
+    assert [o.nuclei for o in summary.outcomes] == [nuclei, nuclei]  # the same pixels as "good"
 
 
 def test_csv_rows_relative_to_the_csv_and_missing_files(tmp_path: Path, assets: dict[str, Path]) -> None:

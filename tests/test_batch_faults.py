@@ -108,9 +108,10 @@ def process_rows(out: Path) -> dict[str, dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory, assets: dict[str, Path]) -> Path:
-    """An undisturbed run over the large slide: what every interrupted run must reproduce."""
+    """An undisturbed run over the large and the small slide, one at a time: what every
+    interrupted run must reproduce."""
     out = tmp_path_factory.mktemp("reference") / "out"
-    result = run(command(assets, assets["large"], out=out))
+    result = run(command(assets, assets["large"], assets["small"], out=out, extra=("--slides-in-flight", "1")))
     assert result.returncode == 0, result.stderr
     return out
 
@@ -227,6 +228,43 @@ def test_a_killed_driver_then_a_rerun_resumes_and_gives_identical_outputs(
     undisturbed = float(process_rows(reference)["large"]["seconds"])
     print(f"\nresume after {how} at {kept}/{total} tiles: slide {float(row['seconds']):.1f} s "
           f"vs {undisturbed:.1f} s undisturbed")
+
+
+def test_sigterm_with_two_slides_in_flight_stops_both_and_the_rerun_completes_them(
+    tmp_path: Path, assets: dict[str, Path], reference: Path
+) -> None:
+    """SIGTERM once the second slide has started while the first finishes: the run ends
+    with 143, each slide is either published complete or kept partial with its tiles, and
+    the rerun gives the outputs of an undisturbed one-at-a-time run."""
+    out = tmp_path / "out"
+    driver = start(command(assets, assets["large"], assets["small"], out=out))
+    try:
+        wait_for(lambda: saved_tiles(out, "small") >= 1, what="the second slide's first tile")
+        overlapped = (out / ".large.partial").is_dir() or not (out / "large").exists()
+        driver.send_signal(signal.SIGTERM)
+        code, printed, err = finish(driver, timeout=120)
+    finally:
+        kill_group(driver)
+    assert code == 143, err
+    assert "interrupted by SIGTERM" in err and "Traceback" not in err
+    rows = process_rows(out)
+    assert rows["small"]["status"] == "failed" and "interrupted (SIGTERM)" in rows["small"]["reason"]
+    assert "a rerun resumes from them" in rows["small"]["reason"] and saved_tiles(out, "small") >= 1
+    assert not (out / "small").exists()
+    if rows["large"]["status"] == "done":  # it was writing its outputs: finished, and published whole
+        assert not (out / ".large.partial").exists()
+        assert_same_results(out / "large", reference / "large", "large")
+    else:
+        assert "interrupted (SIGTERM)" in rows["large"]["reason"] and not (out / "large").exists()
+    rerun = run(command(assets, assets["large"], assets["small"], out=out))
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resume  small:" in rerun.stdout
+    for name in ("large", "small"):
+        assert_same_results(out / name, reference / name, name)
+        assert process_rows(out)[name]["status"] in ("done", "skipped")
+    assert not any(p.name.endswith(".partial") for p in out.iterdir())
+    print(f"\nSIGTERM with two slides in flight: the first slide {rows['large']['status']}, "
+          f"overlap seen from outside: {overlapped}")
 
 
 @pytest.mark.parametrize("where", ["under_a_file", "proc", "read_only_mount"])

@@ -52,6 +52,7 @@ def test_every_option_has_a_flag_of_its_name() -> None:
         "geojson": "plain",
         "dask_report": "dask.html",
         "max_in_flight": "7",
+        "slides_in_flight": "1",
         "retries": "0",
         "lock_wait": "30",
     }

@@ -212,6 +212,24 @@ def test_cluster_options_become_the_jobqueue_arguments() -> None:
     assert threaded["processes"] == 2
 
 
+def test_with_cuda_a_job_holds_one_worker_with_a_gpu_resource() -> None:
+    """--device cuda on SLURM: one worker per job (its GPU from --gres) with GPU=1 and the
+    job's cores as threads; the job script starts it so. No GPU is needed to check this."""
+    dask_jobqueue = pytest.importorskip("dask_jobqueue")
+    options = ClusterOptions(cores=8, memory="32GB", job_extra_directives=["--gres=gpu:1"], interface="lo")
+    arguments = jobqueue_arguments(RunConfig(cluster="slurm", device="cuda", cluster_options=options))
+    assert arguments["processes"] == 1 and arguments["worker_extra_args"] == ["--resources", "GPU=1"]
+    cluster = dask_jobqueue.SLURMCluster(**arguments)
+    try:
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    assert "#SBATCH --gres=gpu:1" in script and "--resources GPU=1" in script and "--nthreads 8" in script
+    several = ClusterOptions(cores=8, memory="32GB", processes=2)
+    assert jobqueue_arguments(RunConfig(cluster="slurm", device="cuda", cluster_options=several))["processes"] == 2
+    assert "worker_extra_args" not in jobqueue_arguments(RunConfig(cluster="slurm", cluster_options=options))
+
+
 def test_jobqueue_yaml_still_describes_the_queue() -> None:
     """Keys cluster_options leaves out come from dask-jobqueue's own config (jobqueue.yaml)."""
     with dask.config.set({"jobqueue.pbs.cores": 8, "jobqueue.pbs.memory": "32GB", "jobqueue.pbs.processes": 2,

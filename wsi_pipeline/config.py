@@ -164,7 +164,13 @@ class RunConfig(BaseModel):
         False, description="also store the RGB slide at the inference µm/px in the OME-Zarr (napari shows both)"
     )
     dask_report: Path | None = Field(None, description="write Dask's performance report (HTML) here")
-    max_in_flight: int | None = Field(None, ge=1, le=100_000, description="tiles in flight per slide")
+    max_in_flight: int | None = Field(
+        None, ge=1, le=100_000, description="tiles in flight at once, shared by the slides in flight"
+    )
+    slides_in_flight: int = Field(
+        2, ge=1, le=2,
+        description="slides processed at once: 2 starts the next slide while the previous one's last tiles finish",
+    )
     retries: int = Field(2, ge=0, le=100, description="retries of a failed tile task")
     progress: bool = Field(True, description="progress bar per slide")
     lock_wait: float = Field(

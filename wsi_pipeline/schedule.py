@@ -33,13 +33,16 @@ task's GIL, at the cost of one model per process (~450 MB RSS per worker here).
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import itertools
 import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -61,6 +64,13 @@ log = logging.getLogger(__name__)
 # The measurement behind the default layout (`python benchmarks/worker_layout.py --repeat 2`).
 LAYOUT_MEASUREMENT = "benchmarks/results/worker_layout.json"
 WORKER_WAIT_S = 120.0
+# The Dask resource a tile's inference needs with --device cuda: each GPU worker has one.
+GPU_RESOURCE = "GPU"
+
+
+def uses_gpu(config: RunConfig) -> bool:
+    """Whether the run's tiles infer on GPUs (``--device cuda`` or ``cuda:N``)."""
+    return config.device.split(":")[0] == "cuda"
 
 
 @dataclass(frozen=True)
@@ -124,7 +134,9 @@ def jobqueue_arguments(config: RunConfig) -> dict[str, Any]:
     configuration, else from its default; ``cores`` may also come from
     ``--threads-per-worker`` (one worker of that many threads per job). Without a choice a
     job holds one single-threaded worker per core, the local layout. Workers run this
-    Python unless told otherwise, and the dashboard takes a free port.
+    Python unless told otherwise, and the dashboard takes a free port. With ``--device
+    cuda`` a job holds one worker (one GPU per job) with the Dask resource ``GPU=1`` and
+    the job's cores as threads.
     """
     name, options = config.cluster, config.cluster_options
     cores = options.cores or _jobqueue_default(name, "cores") or config.threads_per_worker
@@ -140,7 +152,9 @@ def jobqueue_arguments(config: RunConfig) -> dict[str, Any]:
         )
     cores = int(cores)
     threads = config.threads_per_worker or 1
-    processes = options.processes or _jobqueue_default(name, "processes") or max(1, cores // threads)
+    # With GPUs: one worker per job (a job asks for its GPU with --gres=gpu:1), its cores as threads.
+    processes = (options.processes or _jobqueue_default(name, "processes")
+                 or (1 if uses_gpu(config) else max(1, cores // threads)))
     if processes > cores:
         raise ConfigError(
             None,
@@ -162,6 +176,9 @@ def jobqueue_arguments(config: RunConfig) -> dict[str, Any]:
         value = getattr(options, key)
         if value is not None:
             arguments[key] = list(value) if isinstance(value, tuple) else value
+    if uses_gpu(config):  # each worker runs one tile's inference at a time on its GPU
+        extra = list(_jobqueue_default(name, "worker-extra-args") or [])
+        arguments["worker_extra_args"] = [*extra, "--resources", f"{GPU_RESOURCE}=1"]
     return arguments
 
 
@@ -312,21 +329,130 @@ def _dashboard_address() -> str | None:
 
 @dataclass
 class RunCluster:
-    """The client of a run, the torch threads its tasks should use, and a description."""
+    """The client of a run, the torch threads its tasks should use, and a description.
+
+    ``device``: the torch device the tasks run on when it differs from ``--device`` (a
+    local GPU worker sees only its own GPU, as ``cuda``). ``resources``: the Dask resources
+    a tile's inference needs (``{"GPU": 1}`` with ``--device cuda``, see :func:`stream_tiles`).
+    """
 
     client: Client
     torch_threads: int
     description: str
     dashboard: str | None = None
+    device: str | None = None
+    resources: dict[str, float] | None = None
+
+
+def visible_gpus(device: str, count: int, environ: dict[str, str] | None = None) -> list[str]:
+    """The GPUs a run on this machine uses, as ``CUDA_VISIBLE_DEVICES`` names them: all that
+    torch sees for ``cuda``, the N-th of them for ``cuda:N``. ``count`` is torch's
+    ``cuda.device_count()`` (it already honours ``CUDA_VISIBLE_DEVICES``)."""
+    environ = dict(os.environ) if environ is None else environ
+    listed = environ.get("CUDA_VISIBLE_DEVICES")
+    names = [x.strip() for x in listed.split(",") if x.strip()] if listed is not None else []
+    names = (names or [str(i) for i in range(count)])[:count]
+    _, _, index = device.partition(":")
+    if not index:
+        return names
+    if int(index) >= len(names):
+        raise ConfigError(
+            None,
+            f"--device {device} asks for GPU {index}, but torch sees {len(names)} GPU(s)",
+            f"use --device cuda (every GPU) or cuda:0..cuda:{max(0, len(names) - 1)}",
+        )
+    return [names[int(index)]]
+
+
+@dataclass(frozen=True)
+class GpuLayout:
+    """A local GPU cluster: one Dask worker per GPU (``gpus[i]`` is what worker i sees as
+    its only GPU), each with the Dask resource ``GPU=1``, so a worker runs one tile's
+    inference at a time, and ``threads_per_worker`` threads for the rest of the tiles'
+    work (reads, post-processing), which runs on the CPU beside the inference."""
+
+    gpus: tuple[str, ...]
+    threads_per_worker: int
+
+    @property
+    def workers(self) -> int:
+        return len(self.gpus)
+
+
+def gpu_layout(config: RunConfig, gpus: list[str], cpus: int | None = None) -> GpuLayout:
+    """The local layout for ``--device cuda``: one worker per GPU (``--workers N`` puts N
+    workers on the GPUs in turn), the machine's cores shared out as their threads
+    (``--threads-per-worker`` overrides)."""
+    if not gpus:
+        raise ConfigError(None, "--device cuda, but torch sees no GPU", "use --device cpu")
+    cpus = machine_cpus() if cpus is None else cpus
+    workers = config.workers or len(gpus)
+    threads = config.threads_per_worker or max(1, cpus // workers)
+    return GpuLayout(tuple(gpus[i % len(gpus)] for i in range(workers)), threads)
+
+
+def gpu_worker_specs(layout: GpuLayout, memory_limit: int | None = None) -> dict[str, dict[str, Any]]:
+    """The :class:`distributed.SpecCluster` worker specs of ``layout``: Nanny processes
+    with ``resources={"GPU": 1}`` and ``CUDA_VISIBLE_DEVICES`` set to the worker's GPU
+    (set before the worker process starts, so CUDA there never sees the others)."""
+    from distributed import Nanny
+    from distributed.system import MEMORY_LIMIT
+
+    memory = memory_limit or MEMORY_LIMIT // layout.workers
+    return {
+        f"gpu-{i}": {
+            "cls": Nanny,
+            "options": {
+                "nthreads": layout.threads_per_worker,
+                "resources": {GPU_RESOURCE: 1},
+                "env": {"CUDA_VISIBLE_DEVICES": gpu},
+                "host": "127.0.0.1",
+                "memory_limit": memory,
+                "silence_logs": logging.ERROR,
+            },
+        }
+        for i, gpu in enumerate(layout.gpus)
+    }
+
+
+def start_gpu_cluster(layout: GpuLayout) -> Any:
+    """A local cluster of ``layout`` (one worker per GPU, see :func:`gpu_worker_specs`)."""
+    from distributed import Scheduler, SpecCluster
+
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": _dashboard_address()}}
+    return SpecCluster(workers=gpu_worker_specs(layout), scheduler=scheduler, silence_logs=logging.ERROR)
+
+
+def _scheduler_resources(client: Client, config: RunConfig) -> dict[str, float] | None:
+    """With ``--device cuda`` on a cluster we did not start: ``{"GPU": 1}`` when its workers
+    advertise a GPU resource (``dask worker --resources GPU=1``), else None with a warning
+    (every thread of a worker may then run an inference on its GPU at once)."""
+    if not uses_gpu(config):
+        return None
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    if any(GPU_RESOURCE in (info.get("resources") or {}) for info in workers.values()):
+        return {GPU_RESOURCE: 1}
+    log.warning(
+        "--device cuda: the workers of %s advertise no %s resource, so inference is not limited to one tile "
+        "per GPU; start them with `dask worker ADDRESS --resources %s=1` (one worker per GPU)",
+        config.scheduler, GPU_RESOURCE, GPU_RESOURCE,
+    )
+    return None
 
 
 @contextlib.contextmanager
-def open_client(config: RunConfig) -> Iterator[RunCluster]:
+def open_client(config: RunConfig, gpus: list[str] | None = None) -> Iterator[RunCluster]:
     """The Dask cluster of a run: an existing scheduler, a jobqueue cluster or a LocalCluster.
 
     Closes what it started (never an existing scheduler or its workers) when the block
     ends. Tasks on clusters we did not size use one torch thread per Dask thread, Dask's
     own model of one core per thread.
+
+    With ``--device cuda`` the local cluster has one worker per GPU (:func:`gpu_layout`;
+    ``gpus`` overrides the GPUs torch sees, for tests) and the run's tiles need the Dask
+    resource ``GPU=1`` for their inference; jobqueue workers are given that resource
+    (one worker per job, :func:`jobqueue_arguments`); an existing scheduler's workers are
+    used with it when they advertise it.
     """
     from distributed import Client, LocalCluster
 
@@ -352,13 +478,28 @@ def open_client(config: RunConfig) -> Iterator[RunCluster]:
                 "start workers with `dask worker ADDRESS`",
             ) from None
         try:
-            yield RunCluster(client, 1, f"scheduler {config.scheduler}", client.dashboard_link)
+            resources = _scheduler_resources(client, config)
+            yield RunCluster(client, 1, f"scheduler {config.scheduler}", client.dashboard_link, resources=resources)
         finally:
             client.close()
         return
+    device, resources = None, ({GPU_RESOURCE: 1} if uses_gpu(config) else None)
     if config.cluster != "local":
         cluster, description = _start_jobqueue(config)
         torch_threads = 1
+    elif uses_gpu(config):
+        if gpus is None:
+            import torch
+
+            gpus = visible_gpus(config.device, torch.cuda.device_count())
+        gpu = gpu_layout(config, gpus)
+        cluster = start_gpu_cluster(gpu)
+        torch_threads, device = 1, "cuda"  # each worker sees its own GPU only, as cuda:0
+        description = (
+            f"local GPU cluster: {gpu.workers} worker(s) on GPU(s) {', '.join(gpu.gpus)} (Dask resource "
+            f"{GPU_RESOURCE}=1 each: one tile's inference at a time) x {gpu.threads_per_worker} thread(s) for "
+            "reads and post-processing"
+        )
     else:
         layout = local_layout(config)
         cluster = LocalCluster(
@@ -380,7 +521,7 @@ def open_client(config: RunConfig) -> Iterator[RunCluster]:
             if config.cluster != "local":
                 _wait_for_jobqueue(client, cluster, config.cluster)
             dashboard = client.dashboard_link if _dashboard_address() else None
-            yield RunCluster(client, torch_threads, description, dashboard)
+            yield RunCluster(client, torch_threads, description, dashboard, device=device, resources=resources)
         finally:
             client.close()
     finally:
@@ -433,6 +574,119 @@ def run_guarded(fn: Callable[[Any], Any], task: Any) -> Any:
         return TaskFailure(exc)
 
 
+@dataclass
+class InferredTile:
+    """What a tile's inference step hands to its post-processing step (on the same worker,
+    Dask keeps the maps where they were made): the maps, the step's seconds, the engine."""
+
+    maps: Any
+    seconds: dict[str, float]
+    engine: str
+
+
+def infer_tile(task: TileTask) -> InferredTile:
+    """A tile's first step on a GPU worker, the one that holds the ``GPU`` resource: read the
+    region and run the network (start-up, i.e. the model load and compilation, counted
+    apart as in :func:`~wsi_pipeline.worker.process_tile`)."""
+    from wsi_pipeline.worker import _open_slide, get_inferer, model_maps
+
+    tile = task.tile
+    start = time.perf_counter()
+    slide = _open_slide(task.slide)
+    rgb = slide.read_region_at(tile.read_level0.x0, tile.read_level0.y0, tile.read.width, tile.read.height, task.mpp)
+    seconds = {"read": time.perf_counter() - start}
+    start = time.perf_counter()
+    inferer = get_inferer(task.model_path, task.infer)
+    compiled_before = float(getattr(inferer.runtime, "compile_seconds", 0.0))
+    seconds["setup"] = time.perf_counter() - start
+    start = time.perf_counter()
+    maps = model_maps(inferer, rgb, tile.read)
+    compiled = float(getattr(inferer.runtime, "compile_seconds", 0.0)) - compiled_before
+    seconds["setup"] += compiled
+    seconds["infer"] = time.perf_counter() - start - compiled
+    return InferredTile(maps, seconds, f"{inferer.runtime.name} {inferer.runtime.precision}")
+
+
+def finish_tile(task: TileTask, inferred: InferredTile | TaskFailure) -> TileResult | TaskFailure:
+    """A tile's second step, on any thread of the worker (no GPU needed): post-processing
+    and ownership of the first step's maps, the same code as a one-step tile
+    (:func:`~wsi_pipeline.worker.process_tile` given the maps), so results are identical."""
+    from wsi_pipeline.worker import process_tile
+
+    if isinstance(inferred, TaskFailure):
+        return inferred
+    try:
+        result = process_tile(task, maps_fn=lambda _rgb, _task: inferred.maps)
+    except WsiPipelineError as exc:
+        return TaskFailure(exc)
+    result.seconds = {
+        "setup": inferred.seconds["setup"],
+        "read": inferred.seconds["read"] + result.seconds["read"],  # process_tile reads the region again
+        "infer": inferred.seconds["infer"],
+        "postprocess": result.seconds["postprocess"],
+    }
+    result.engine = inferred.engine
+    return result
+
+
+class Stopped(KeyboardInterrupt):
+    """A stream was stopped from outside (the run is being interrupted: SIGTERM, Ctrl-C, or
+    another slide's interruption). A ``KeyboardInterrupt``, so ``except Exception`` lets it
+    through and the slide is treated as interrupted, not failed."""
+
+
+class TileBudget:
+    """The in-flight bound shared by the streams of the slides in flight, and their stop.
+
+    Each stream counts its tiles submitted-or-held (:func:`stream_tiles`); a stream may
+    submit while the sum over all streams is below ``limit`` (or, with nothing in flight,
+    when no other stream counts anything: then nothing else would free a slot), so the
+    total never exceeds the bound. A stream waits on :attr:`changed`, which is
+    notified when any of its tasks completes and when any stream frees a slot, so slots a
+    finishing slide gives back go at once to the next one. :meth:`stop` ends every stream
+    at its next step with :class:`Stopped`.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {limit}")
+        self.limit = int(limit)
+        self.changed = threading.Condition()
+        self._users: dict[int, Callable[[], int]] = {}
+        self._ids = itertools.count()
+        self.stop_reason: BaseException | None = None
+
+    def join(self, used: Callable[[], int]) -> int:
+        """Register a stream's own count; returns the token to :meth:`leave` with."""
+        with self.changed:
+            token = next(self._ids)
+            self._users[token] = used
+            return token
+
+    def leave(self, token: int) -> None:
+        with self.changed:
+            self._users.pop(token, None)
+            self.changed.notify_all()
+
+    def used(self) -> int:
+        """Tiles submitted-or-held by every stream now."""
+        return sum(count() for count in list(self._users.values()))
+
+    def notify(self) -> None:
+        with self.changed:
+            self.changed.notify_all()
+
+    def stop(self, reason: BaseException) -> None:
+        """Stop every stream (now and later ones) at its next step."""
+        with self.changed:
+            self.stop_reason = reason
+            self.changed.notify_all()
+
+    def check(self) -> None:
+        if self.stop_reason is not None:
+            raise Stopped(f"stopped: {self.stop_reason!r}")
+
+
 def stream_tiles(
     client: Client,
     tasks: Iterable[TileTask],
@@ -444,67 +698,124 @@ def stream_tiles(
     fn: Callable[[Any], Any] | None = None,
     replay: Iterable[Any] = (),
     consume_replayed: Callable[[Any], None] | None = None,
+    budget: TileBudget | None = None,
+    on_submitted: Callable[[], None] | None = None,
+    resources: dict[str, float] | None = None,
 ) -> None:
     """Run ``fn`` (default :func:`~wsi_pipeline.worker.process_tile`) on every task and
     hand each result to ``consume`` as it completes.
+
+    At most ``max_in_flight`` tiles are submitted-or-held at once, where ``held()`` is the
+    number of results the consumer still buffers (the stitcher's reorder buffer): memory
+    stays bounded however large the slide. A stream with nothing in flight may always
+    submit one task unless another stream's tasks hold the bound, so a consumer holding
+    many results cannot stall the stream. Tasks are submitted in order,
+    so the earliest missing tile is always the oldest in flight. On any error the
+    remaining tasks are cancelled and the error propagates; a user error (a corrupt tile)
+    is not retried (:func:`run_guarded`).
+
+    ``budget``: a bound shared with the streams of other slides running at once (in other
+    threads, on the same client); ``max_in_flight`` is then ignored, and the stream stops
+    with :class:`Stopped` when the budget is stopped. ``on_submitted()`` is called once,
+    when the last task has been submitted (the batch then starts the next slide, whose
+    tiles fill the workers while this slide's last ones finish).
 
     ``replay``: results computed before (the tiles a resumed slide's checkpoint holds),
     handed to ``consume_replayed`` (default ``consume``) in their order once the first
     tasks are submitted, so the workers compute while the driver replays; results that
     complete meanwhile are collected between two replayed ones.
 
-    At most ``max_in_flight`` tiles are submitted-or-held at once, where ``held()`` is the
-    number of results the consumer still buffers (the stitcher's reorder buffer): memory
-    stays bounded however large the slide. At least one task is always in flight, so a
-    consumer holding many results cannot stall the stream. Tasks are submitted in order,
-    so the earliest missing tile is always the oldest in flight. On any error the
-    remaining tasks are cancelled and the error propagates; a user error (a corrupt tile)
-    is not retried (:func:`run_guarded`).
+    ``resources`` (``{"GPU": 1}`` with ``--device cuda``): with the default ``fn`` each tile
+    becomes two tasks, :func:`infer_tile` needing the resources (one inference at a time
+    per GPU worker) and :func:`finish_tile` needing none, so post-processing runs on the
+    worker's other threads while the GPU infers the next tile; with a given ``fn`` that
+    one task needs them. The bound counts tiles either way.
     """
-    from distributed import as_completed
-
+    split = resources is not None and fn is None
     if fn is None:
         from wsi_pipeline.worker import process_tile as fn
-    if max_in_flight < 1:
-        raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+    if budget is None:
+        budget = TileBudget(max_in_flight)
     name = getattr(fn, "__name__", "task").replace("_", "-")
     run_id = uuid.uuid4().hex[:12]
     todo = enumerate(tasks)
-    running = as_completed()
+    # One task looked up ahead, so the stream knows it has submitted its last task when it
+    # does (not at its next attempt, which the bound may hold back until the slide's end).
+    upcoming = next(todo, None)
     live: set[Any] = set()
-    exhausted = False
+    ready: collections.deque[Any] = collections.deque()  # completed futures, in completion order
+    told = False
+
+    def completed(future: Any) -> None:  # runs in the client's thread: only hand over
+        with budget.changed:
+            ready.append(future)
+            budget.changed.notify_all()
+
+    def may_submit() -> bool:
+        if upcoming is None:
+            return False
+        used = budget.used()
+        # Over the bound only when nothing else could ever free a slot: no task of ours in
+        # flight and every counted tile our own held result (a consumer holding many
+        # results must not stall its stream; another stream's tasks will free slots).
+        return used < budget.limit or (not live and used == held())
 
     def submit_more() -> None:
-        nonlocal exhausted
-        while not exhausted and (not live or len(live) + held() < max_in_flight):
-            item = next(todo, None)
-            if item is None:
-                exhausted = True
-                return
-            future = client.submit(
-                run_guarded, fn, item[1], key=f"{name}-{run_id}-{item[0]}", retries=retries, pure=False
-            )
+        nonlocal upcoming, told
+        while may_submit():
+            assert upcoming is not None
+            item, upcoming = upcoming, next(todo, None)
+            if split:
+                maps = client.submit(run_guarded, infer_tile, item[1], key=f"infer-tile-{run_id}-{item[0]}",
+                                     resources=resources, retries=retries, pure=False)
+                future = client.submit(finish_tile, item[1], maps, key=f"finish-tile-{run_id}-{item[0]}",
+                                       retries=retries, pure=False)
+                maps.release()  # the scheduler keeps the maps until their post-processing has run
+            else:
+                future = client.submit(run_guarded, fn, item[1], key=f"{name}-{run_id}-{item[0]}",
+                                       resources=resources, retries=retries, pure=False)
             live.add(future)
-            running.add(future)
+            future.add_done_callback(completed)
+        if upcoming is None and not told:
+            told = True
+            if on_submitted is not None:
+                on_submitted()
 
-    def collect(future: Any) -> None:
-        live.discard(future)
-        result = future.result()
-        future.release()
-        if isinstance(result, TaskFailure):
-            raise result.error
-        consume(result)
-        submit_more()
+    def collect_ready() -> None:
+        while ready:
+            budget.check()
+            future = ready.popleft()
+            live.discard(future)
+            result = future.result()
+            future.release()
+            if isinstance(result, TaskFailure):
+                raise result.error
+            consume(result)
+            budget.notify()  # a slot is free (for this stream or another slide's)
+            submit_more()
 
+    def wait() -> None:
+        """Until one of our tasks completes, the budget has room for us, or a stop."""
+        with budget.changed:
+            while not ready and not may_submit() and budget.stop_reason is None:
+                budget.changed.wait(timeout=5.0)
+        budget.check()
+
+    token = budget.join(lambda: len(live) + held())
     try:
+        budget.check()
         submit_more()
         for result in replay:
+            budget.check()
             (consume_replayed or consume)(result)
-            while running.has_ready():
-                collect(next(running))
+            budget.notify()
+            collect_ready()
             submit_more()
-        while live:
-            collect(next(running))
+        while live or upcoming is not None:
+            wait()
+            collect_ready()
+            submit_more()
     finally:
+        budget.leave(token)
         if live:
             client.cancel(list(live))

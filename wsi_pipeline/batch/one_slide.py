@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ from wsi_pipeline.config import RunConfig
 from wsi_pipeline.engine.infer import DEFAULT_WINDOW, InferenceConfig, bf16_native_note
 from wsi_pipeline.errors import WsiPipelineError
 from wsi_pipeline.outputs.report import SlideReport
-from wsi_pipeline.schedule import RunCluster, stream_tiles
+from wsi_pipeline.schedule import RunCluster, TileBudget, stream_tiles
 from wsi_pipeline.slide import DEFAULT_MASK_MPP, SlideSpec, tissue_mask
 from wsi_pipeline.tiling import Tile, grid_shape, target_size, tile_grid
 
@@ -71,6 +72,10 @@ class SlideRun:
     # (workers up). Charged to the first slide the run processes (see process_slide).
     startup: dict[str, float] = field(default_factory=dict)
     startup_charged: bool = False
+    # The in-flight bound the slides in flight share (None: each slide its own max_in_flight).
+    budget: TileBudget | None = None
+    # Guards what slides running at once in the batch's threads share (the start-up charge).
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
 @dataclass
@@ -151,7 +156,11 @@ class _ResumableReport(SlideReport):
 
 
 def process_slide(
-    job: SlideJob, run: SlideRun, folder: Path, checkpoint: TileCheckpoint | None = None
+    job: SlideJob,
+    run: SlideRun,
+    folder: Path,
+    checkpoint: TileCheckpoint | None = None,
+    on_submitted: Callable[[], None] | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """Process one slide into ``folder`` (which must exist and be empty but for the
     checkpoint); returns (nuclei, report dict). Raises what goes wrong; the caller records it.
@@ -159,7 +168,10 @@ def process_slide(
     With ``checkpoint``, every tile result is saved there as it arrives, and the tiles it
     already holds are not computed again: their results are replayed into the stitcher in
     tile order (while the workers compute the others), which rebuilds the outputs from
-    scratch exactly as an undisturbed run writes them."""
+    scratch exactly as an undisturbed run writes them.
+
+    ``on_submitted()`` is called once every tile has been submitted to the cluster (the
+    batch starts the next slide then; see :mod:`wsi_pipeline.batch.runner`)."""
     from tqdm import tqdm
 
     from wsi_pipeline.outputs.geojson import GeoJSONWriter
@@ -204,8 +216,8 @@ def process_slide(
     qc = NucleiQC(model.classes)
     stitcher = Stitcher(tiles, store, [geojson, table, store, density, qc], job.name, model.checksum)
     infer = InferenceConfig(
-        device=config.device, threads=run.cluster.torch_threads, batch_size=config.batch_size, bf16=config.bf16,
-        runtime=config.runtime, window=config.window,
+        device=run.cluster.device or config.device, threads=run.cluster.torch_threads,
+        batch_size=config.batch_size, bf16=config.bf16, runtime=config.runtime, window=config.window,
     )
     saved = checkpoint.bind(tiles) if checkpoint is not None else set()
     tasks = (
@@ -245,6 +257,9 @@ def process_slide(
             retries=config.retries,
             replay=checkpoint.replay(tiles) if saved and checkpoint is not None else (),
             consume_replayed=stitch,
+            budget=run.budget,
+            on_submitted=on_submitted,
+            resources=run.cluster.resources,
         )
         stats = stitcher.finish()
     finally:
@@ -277,9 +292,10 @@ def process_slide(
     # Start-up: the workers' model load, runtime conversion and compilation during this
     # slide, plus the run's own start-up (driver model load, cluster) on its first slide.
     startup = {"workers": float(stats.seconds.get("setup", 0.0))}
-    if not run.startup_charged:
-        startup.update({k: float(v) for k, v in run.startup.items()})
-        run.startup_charged = True
+    with run.lock:
+        if not run.startup_charged:
+            startup.update({k: float(v) for k, v in run.startup.items()})
+            run.startup_charged = True
     seconds["startup"] = sum(startup.values())
     seconds.update(
         write=float(stats.seconds.get("write", 0.0)) + close_seconds, tissue=tissue_seconds, tiles_wall=tiles_wall,
@@ -396,13 +412,19 @@ def _open_partial(partial: Path, checkpoint: TileCheckpoint) -> str:
 
 
 def run_slide_job(
-    job: SlideJob, run: SlideRun, out: Path, on_start: Callable[[SlideJob, str], None] | None = None
+    job: SlideJob,
+    run: SlideRun,
+    out: Path,
+    on_start: Callable[[SlideJob, str], None] | None = None,
+    on_submitted: Callable[[], None] | None = None,
 ) -> SlideOutcome:
     """One slide with the batch rules: skip if verifiably done, write into a partial folder
     (resuming an interrupted run's completed tiles), publish it when complete, record any
     failure. ``on_start(job, why)`` is called before a slide is processed, with ``why`` the
     lines the user should see first (why a slide done before is redone, that completed
     tiles are resumed or why they are discarded; "" when there is nothing to say).
+    ``on_submitted()`` is called when the slide's last tile has been submitted (not for a
+    slide skipped or failed before its tiles: the caller learns of those by their end).
 
     An interruption (:class:`KeyboardInterrupt`, the CLI's SIGTERM) keeps the partial
     folder with its completed tiles; so does an unexpected failure (a lost worker, a full
@@ -433,7 +455,7 @@ def run_slide_job(
         notes = [note for note in (why, _open_partial(partial, checkpoint)) if note]
         if on_start is not None:
             on_start(job, "\n".join(notes))
-        nuclei, report = process_slide(job, run, partial, checkpoint)
+        nuclei, report = process_slide(job, run, partial, checkpoint, on_submitted)
         checkpoint.remove()  # not an output: the manifest and the published folder never hold it
         write_done_marker(partial, identity, run.model.name, run.model.checksum, run.config_checksum, nuclei,
                           report["seconds"]["wall"])

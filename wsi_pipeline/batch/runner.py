@@ -4,9 +4,10 @@ The order of events is what makes it safe. The out folder is created (or refused
 clear message when it cannot be written) and locked (:mod:`wsi_pipeline.batch.lock`) before
 anything in it is read or changed; partial folders left by a killed run are removed under
 the lock; output names are chosen from the inputs *and* the folders already there
-(:func:`~wsi_pipeline.batch.inputs.assign_names`); slides then run one by one
-(:func:`~wsi_pipeline.batch.one_slide.run_slide_job`), and after each the process list and
-the batch report are rewritten atomically. Both keep every slide this out folder has seen,
+(:func:`~wsi_pipeline.batch.inputs.assign_names`); slides then run with up to two in
+flight (:func:`run_slides`: the next starts while the previous one's last tiles finish),
+each through :func:`~wsi_pipeline.batch.one_slide.run_slide_job`, and after each the
+process list and the batch report are rewritten atomically. Both keep every slide this out folder has seen,
 across runs: a rerun on part of the slides updates their rows and keeps the others.
 
 An interruption (Ctrl-C, or the SIGTERM a scheduler sends, turned into
@@ -23,7 +24,9 @@ import csv
 import io
 import logging
 import os
+import queue
 import shutil
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,7 +44,7 @@ from wsi_pipeline.batch.plan import prepare_model, settings_checksum
 from wsi_pipeline.config import RunConfig
 from wsi_pipeline.errors import ConfigError, Interrupted
 from wsi_pipeline.outputs.report import write_batch_report
-from wsi_pipeline.schedule import cluster_threads, open_client, performance_report
+from wsi_pipeline.schedule import TileBudget, cluster_threads, open_client, performance_report
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +187,113 @@ def interrupted_outcome(job: SlideJob, exc: BaseException, out: Path) -> SlideOu
                         finished=datetime.now(UTC).isoformat(timespec="seconds"))
 
 
+@dataclass
+class _InFlight:
+    """A slide being processed in its own thread."""
+
+    job: SlideJob
+    thread: threading.Thread
+    submitted: bool = False  # all its tiles are submitted: the next slide may start
+
+
+EVENT_WAIT_S = 1.0
+
+
+def run_slides(
+    jobs: Sequence[SlideJob],
+    run: SlideRun,
+    out: Path,
+    slides_in_flight: int,
+    record: Callable[[SlideOutcome], None],
+    on_start: Callable[[SlideJob, str], None] | None = None,
+) -> None:
+    """Run the slides with up to ``slides_in_flight`` at once; ``record(outcome)`` in this
+    (the main) thread as each ends.
+
+    Each slide runs :func:`~wsi_pipeline.batch.one_slide.run_slide_job` in a thread of its
+    own (its stitcher, writers, partial folder), all on the run's one Dask client. The
+    next slide starts once every slide in flight has submitted its last tile, so its
+    tissue detection and first tiles fill the time the previous slide spends on its last
+    tiles, its outputs and its report, when workers would otherwise idle; the in-flight
+    bound (``run.budget``) is shared, so the workers' queue and the driver's memory stay
+    as bounded as with one slide. A slide is still published only when complete.
+
+    Only this thread records outcomes (process list, batch report, ``on_slide``), so they
+    are written one at a time; ``on_start`` calls from the slide threads are serialised
+    with a lock. An interruption in this thread (the CLI's SIGTERM handler raises
+    :class:`~wsi_pipeline.errors.Interrupted` here; Ctrl-C) or in a slide thread stops the
+    streams of every slide (:meth:`~wsi_pipeline.schedule.TileBudget.stop`), waits for the
+    threads to end (a slide already writing its outputs finishes and is recorded done),
+    records the stopped slides as interrupted, each keeping its completed tiles for the
+    rerun, and re-raises.
+    """
+    if run.budget is None:
+        run.budget = TileBudget(run.max_in_flight)
+    events: queue.SimpleQueue[tuple[str, int, Any]] = queue.SimpleQueue()
+    running: dict[int, _InFlight] = {}
+    pending = iter(enumerate(jobs))
+    said = threading.Lock()
+
+    def starting(job: SlideJob, why: str) -> None:
+        if on_start is not None:
+            with said:
+                on_start(job, why)
+
+    def work(key: int, job: SlideJob) -> None:
+        try:
+            outcome = run_slide_job(job, run, out, on_start=starting,
+                                    on_submitted=lambda: events.put(("submitted", key, None)))
+        except BaseException as exc:  # an interruption: handed to the main thread
+            events.put(("raised", key, exc))
+        else:
+            events.put(("done", key, outcome))
+
+    def start_more() -> None:
+        while len(running) < slides_in_flight and all(entry.submitted for entry in running.values()):
+            item = next(pending, None)
+            if item is None:
+                return
+            key, job = item
+            thread = threading.Thread(target=work, args=(key, job), name=f"slide {job.name}", daemon=True)
+            running[key] = _InFlight(job, thread)
+            thread.start()
+
+    def next_event() -> tuple[str, int, Any]:
+        while True:  # a timeout, so that signals reach this thread's handler promptly
+            try:
+                return events.get(timeout=EVENT_WAIT_S)
+            except queue.Empty:
+                continue
+
+    stopped: SlideJob | None = None
+    try:
+        start_more()
+        while running:
+            kind, key, value = next_event()
+            if kind == "submitted":
+                running[key].submitted = True
+            else:
+                entry = running.pop(key)
+                entry.thread.join()
+                if kind == "raised":
+                    stopped = entry.job
+                    raise value
+                record(value)
+            start_more()
+    except BaseException as exc:
+        run.budget.stop(exc)
+        if stopped is not None:
+            record(interrupted_outcome(stopped, exc, out))
+        while running:
+            kind, key, value = next_event()
+            if kind == "submitted":
+                continue
+            entry = running.pop(key)
+            entry.thread.join()
+            record(value if kind == "done" else interrupted_outcome(entry.job, exc, out))
+        raise
+
+
 def run_batch(
     inputs: Sequence[str | os.PathLike[str]],
     out: str | os.PathLike[str],
@@ -227,30 +337,28 @@ def run_batch(
         with open_client(config) as cluster, performance_report(config.dask_report):
             threads = cluster_threads(cluster.client)
             startup = {"model": model_seconds, "cluster": time.perf_counter() - cluster_started}
+            max_in_flight = config.max_in_flight or 2 * threads
             run = SlideRun(
                 config=config,
                 model=model,
                 cluster=cluster,
                 config_checksum=run_checksum,
-                max_in_flight=config.max_in_flight or 2 * threads,
+                max_in_flight=max_in_flight,
                 on_tile=on_tile,
                 startup=startup,
+                budget=TileBudget(max_in_flight),
             )
             log.info("%s (%d thread(s)); dashboard: %s", cluster.description, threads, cluster.dashboard or "off")
-            job: SlideJob | None = None
+
+            def record(outcome: SlideOutcome) -> None:
+                outcome.finished = datetime.now(UTC).isoformat(timespec="seconds")
+                outcomes.append(outcome)
+                write_lists()
+                if on_slide is not None:
+                    on_slide(outcome)
+
             try:
-                for job in jobs:
-                    outcome = run_slide_job(job, run, out, on_start=on_start)
-                    outcome.finished = datetime.now(UTC).isoformat(timespec="seconds")
-                    outcomes.append(outcome)
-                    job = None
-                    write_lists()
-                    if on_slide is not None:
-                        on_slide(outcome)
-            except BaseException as exc:
-                if job is not None:
-                    outcomes.append(interrupted_outcome(job, exc, out))
-                raise
+                run_slides(jobs, run, out, config.slides_in_flight, record, on_start)
             finally:
                 batch_report = write_lists()
             description = cluster.description

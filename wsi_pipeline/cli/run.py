@@ -83,7 +83,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     dask.add_argument(
         "--cluster", choices=("local", "slurm", "pbs"), help="cluster to start (local; needs dask-jobqueue)"
     )
-    dask.add_argument("--max-in-flight", type=int, metavar="N", help="tiles in flight per slide (2 x worker threads)")
+    dask.add_argument(
+        "--max-in-flight", type=int, metavar="N",
+        help="tiles in flight at once, all slides together (2 x worker threads)",
+    )
+    dask.add_argument(
+        "--slides-in-flight", type=int, choices=(1, 2), metavar="1|2",
+        help="2 (default): the next slide's tiles start while the previous slide's last ones finish; 1: one at a time",
+    )
     dask.add_argument("--retries", type=int, metavar="N", help="retries of a failed tile (2)")
     dask.add_argument("--dask-report", metavar="FILE", help="write Dask's performance report (HTML)")
     out = parser.add_argument_group("outputs")
