@@ -298,6 +298,18 @@ def gpu_like_client() -> Iterator[Client]:
         yield client
 
 
+def test_cuda_with_a_scheduler_uses_the_gpu_resource_its_workers_advertise(
+    gpu_like_client: Client, client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    with open_client(RunConfig(device="cuda", scheduler=gpu_like_client.scheduler.address)) as cluster:
+        assert cluster.resources == {GPU_RESOURCE: 1} and cluster.device is None  # the workers chose their GPUs
+    with open_client(RunConfig(device="cuda", scheduler=client.scheduler.address)) as cluster:
+        assert cluster.resources is None
+    assert "advertise no GPU resource" in caplog.text and "--resources GPU=1" in caplog.text
+    with open_client(RunConfig(scheduler=gpu_like_client.scheduler.address)) as cluster:
+        assert cluster.resources is None  # on the CPU a tile is one task, whatever the workers have
+
+
 def test_a_gpu_resource_lets_a_worker_run_one_inference_at_a_time(gpu_like_client: Client) -> None:
     GAUGES["gpu"] = gauge = Gauge()
     seen: list[int] = []
