@@ -33,7 +33,7 @@ from pathlib import Path
 from _common import save_json
 
 REPO = Path(__file__).resolve().parents[1]
-LAYOUTS = {"2x1": (2, 1, 1), "1x2": (1, 2, 1), "1x1t2": (1, 1, 2)}
+LAYOUTS = {"2x1": (2, 1, 1), "1x2": (1, 2, 1), "1x1t2": (1, 1, 2), "1x2t2": (1, 2, 2)}
 
 
 def tiny_model(folder: Path, width: float, slide_path: Path) -> Path:

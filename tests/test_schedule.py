@@ -41,9 +41,17 @@ from wsi_pipeline.schedule import (
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_slides" / "CMU-1-Small-Region-pyramid.tif"
 
 
-def test_default_layout_is_one_single_threaded_worker_per_core() -> None:
-    assert local_layout(RunConfig(), cpus=2) == Layout(2, 1, 1)
-    assert local_layout(RunConfig(), cpus=16) == Layout(16, 1, 1)
+def test_default_layout_is_one_single_threaded_worker_per_core_with_torch() -> None:
+    assert local_layout(RunConfig(runtime="torch"), cpus=2) == Layout(2, 1, 1)
+    assert local_layout(RunConfig(runtime="torch"), cpus=16) == Layout(16, 1, 1)
+
+
+def test_default_layout_with_openvino_is_one_worker_with_a_thread_per_core() -> None:
+    pytest.importorskip("openvino", reason="OpenVINO is not installed")
+    assert local_layout(RunConfig(), cpus=2) == Layout(1, 2, 2)  # runtime auto: OpenVINO here
+    assert local_layout(RunConfig(runtime="openvino"), cpus=16) == Layout(1, 16, 16)
+    assert local_layout(RunConfig(runtime="auto", device="cuda"), cpus=2) == Layout(2, 1, 1)  # GPUs: torch
+    assert local_layout(RunConfig(workers=2), cpus=2) == Layout(2, 1, 1)  # the user's choice wins
 
 
 def test_layout_splits_the_cores_given_one_of_workers_or_threads() -> None:

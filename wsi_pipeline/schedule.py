@@ -14,21 +14,25 @@ the slide; results are handed over as they complete (``as_completed``), and a ta
 worker dies is recomputed elsewhere (Dask reschedules it; ``retries`` also reruns one that
 raised), so a lost worker costs only its tiles.
 
-Default layout: one single-threaded worker process per core. Measured with
-``benchmarks/worker_layout.py`` on the 2-core development machine (6 tiles of 328 px, a
-small HoVer-Net, two interleaved rounds, the machine shared with a training job, load
-average ~7; :data:`LAYOUT_MEASUREMENT`), tiles/s:
+Default layout, by runtime (``benchmarks/worker_layout.py``, 2-core machine, the shipped
+default model, 1648 px tiles, two interleaved rounds each; ``benchmarks/results/worker_layout.json``):
 
-    layout (workers x threads, torch threads)   round 1   round 2
-    2 x 1, torch 1                               0.164     0.305
-    1 x 2, torch 1                               0.281     0.250
-    1 x 1, torch 2                               0.069     0.093
+* OpenVINO (the CPU default): **one worker process, one task thread per core, each
+  inference on every core**. Tiles/s, rounds 1 / 2:
 
-Spreading one task over the cores with torch's intra-op threads lost clearly (2-4x):
-on a busy machine its threads wait for each other. Processes and threads tied within
-the noise; processes are the default because a worker that crashes or is killed for
-memory then loses only its own tiles, and post-processing never waits for another
-task's GIL, at the cost of one model per process (~450 MB RSS per worker here).
+      layout (workers x threads, engine threads)   OpenVINO bf16
+      1 x 2, engine 2                               0.413 / 0.368
+      1 x 1, engine 2                               0.289 / 0.343
+      2 x 1, engine 1                               0.270 / 0.275
+
+  OpenVINO keeps both cores busy within one inference, and the second task thread
+  post-processes one tile while the other infers (the engine releases the GIL); one
+  process also means one model conversion, one set of compiled shapes and one model in
+  memory instead of one per core.
+* torch: one single-threaded worker process per core. Measured earlier with a small
+  HoVer-Net (6 tiles of 328 px, load average ~7), tiles/s: 2 x 1 0.164 / 0.305, 1 x 2
+  0.281 / 0.250, 1 x 1 with torch 2 threads 0.069 / 0.093: torch's intra-op threads
+  wait for each other on a busy machine, and processes keep a crash to its own tiles.
 """
 
 from __future__ import annotations
@@ -95,16 +99,27 @@ def machine_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def uses_openvino(config: RunConfig) -> bool:
+    """Whether the workers will run the network with OpenVINO (the CPU default where installed)."""
+    from wsi_pipeline.engine.runtime import openvino_available
+
+    on_cpu = config.device == "cpu"
+    return on_cpu and (config.runtime == "openvino" or (config.runtime == "auto" and openvino_available()))
+
+
 def local_layout(config: RunConfig, cpus: int | None = None) -> Layout:
     """The LocalCluster layout for ``config`` on a machine with ``cpus`` cores.
 
-    Without a choice from the user: one worker process per core, one thread each (see
-    the module docstring for the measurement). Given only
+    Without a choice from the user: with OpenVINO one worker process with a task thread
+    per core, each inference using every core; with torch one worker process per core,
+    one thread each (see the module docstring for the measurements). Given only
     ``--workers``, the cores are split between them; given only ``--threads-per-worker``,
     as many workers as fit. torch gets the cores left to each task.
     """
     cpus = machine_cpus() if cpus is None else cpus
     workers, threads = config.workers, config.threads_per_worker
+    if workers is None and threads is None and uses_openvino(config):
+        return Layout(1, cpus, cpus)  # see the module docstring: one process, every core per inference
     if workers is None and threads is None:
         workers, threads = cpus, 1
     elif workers is None:
@@ -574,59 +589,25 @@ def run_guarded(fn: Callable[[Any], Any], task: Any) -> Any:
         return TaskFailure(exc)
 
 
-@dataclass
-class InferredTile:
-    """What a tile's inference step hands to its post-processing step (on the same worker,
-    Dask keeps the maps where they were made): the maps, the step's seconds, the engine."""
+def infer_tile(task: TileTask) -> Any:
+    """A tile's first step on a GPU worker, the one that holds the ``GPU`` resource
+    (:func:`wsi_pipeline.worker.infer_tile`; submitted through :func:`run_guarded`)."""
+    from wsi_pipeline.worker import infer_tile as infer
 
-    maps: Any
-    seconds: dict[str, float]
-    engine: str
+    return infer(task)
 
 
-def infer_tile(task: TileTask) -> InferredTile:
-    """A tile's first step on a GPU worker, the one that holds the ``GPU`` resource: read the
-    region and run the network (start-up, i.e. the model load and compilation, counted
-    apart as in :func:`~wsi_pipeline.worker.process_tile`)."""
-    from wsi_pipeline.worker import _open_slide, get_inferer, model_maps
-
-    tile = task.tile
-    start = time.perf_counter()
-    slide = _open_slide(task.slide)
-    rgb = slide.read_region_at(tile.read_level0.x0, tile.read_level0.y0, tile.read.width, tile.read.height, task.mpp)
-    seconds = {"read": time.perf_counter() - start}
-    start = time.perf_counter()
-    inferer = get_inferer(task.model_path, task.infer)
-    compiled_before = float(getattr(inferer.runtime, "compile_seconds", 0.0))
-    seconds["setup"] = time.perf_counter() - start
-    start = time.perf_counter()
-    maps = model_maps(inferer, rgb, tile.read)
-    compiled = float(getattr(inferer.runtime, "compile_seconds", 0.0)) - compiled_before
-    seconds["setup"] += compiled
-    seconds["infer"] = time.perf_counter() - start - compiled
-    return InferredTile(maps, seconds, f"{inferer.runtime.name} {inferer.runtime.precision}")
-
-
-def finish_tile(task: TileTask, inferred: InferredTile | TaskFailure) -> TileResult | TaskFailure:
-    """A tile's second step, on any thread of the worker (no GPU needed): post-processing
-    and ownership of the first step's maps, the same code as a one-step tile
-    (:func:`~wsi_pipeline.worker.process_tile` given the maps), so results are identical."""
-    from wsi_pipeline.worker import process_tile
+def finish_tile(task: TileTask, inferred: Any) -> TileResult | TaskFailure:
+    """A tile's second step, on any thread of the worker (no GPU needed): the same code
+    as a one-step tile (:func:`wsi_pipeline.worker.finish_tile`), so results are identical."""
+    from wsi_pipeline.worker import finish_tile as finish
 
     if isinstance(inferred, TaskFailure):
         return inferred
     try:
-        result = process_tile(task, maps_fn=lambda _rgb, _task: inferred.maps)
+        return finish(task, inferred)
     except WsiPipelineError as exc:
         return TaskFailure(exc)
-    result.seconds = {
-        "setup": inferred.seconds["setup"],
-        "read": inferred.seconds["read"] + result.seconds["read"],  # process_tile reads the region again
-        "infer": inferred.seconds["infer"],
-        "postprocess": result.seconds["postprocess"],
-    }
-    result.engine = inferred.engine
-    return result
 
 
 class Stopped(KeyboardInterrupt):

@@ -49,8 +49,11 @@ __all__ = [
     "TileTask",
     "cache_info",
     "clear_caches",
+    "TileMaps",
     "default_margin",
+    "finish_tile",
     "get_inferer",
+    "infer_tile",
     "model_maps",
     "postproc_reach",
     "process_tile",
@@ -227,8 +230,75 @@ def default_margin(
 
 
 # ----------------------------------------------------------------------------- the tile
+@dataclass
+class TileMaps:
+    """A tile's maps and how they were made: the first half of a tile's work.
+
+    ``seconds``: {"read", "setup", "infer"} ("setup" only when the model ran); ``engine``:
+    "runtime precision" of the engine that made them ("" for a ``maps_fn``). On a GPU
+    worker this is the step that holds the GPU; :func:`finish_tile` needs none.
+    """
+
+    maps: Maps
+    seconds: dict[str, float]
+    engine: str = ""
+
+
+def infer_tile(task: TileTask, maps_fn: MapsFn | None = None) -> TileMaps:
+    """Read the tile's region and compute its NP/HV/TP maps (see :func:`process_tile`).
+
+    Start-up is its own stage: the model load and runtime conversion of a worker's first
+    tile, and each new window shape's compilation, are counted in "setup", not "infer".
+    """
+    tile = task.tile
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    slide = _open_slide(task.slide)
+    rgb = slide.read_region_at(tile.read_level0.x0, tile.read_level0.y0, tile.read.width, tile.read.height, task.mpp)
+    seconds["read"] = time.perf_counter() - start
+    engine = ""
+    if maps_fn is not None:
+        start = time.perf_counter()
+        maps = maps_fn(rgb, task)
+        seconds["infer"] = time.perf_counter() - start
+    else:
+        start = time.perf_counter()
+        inferer = get_inferer(task.model_path, task.infer)
+        compiled_before = float(getattr(inferer.runtime, "compile_seconds", 0.0))
+        seconds["setup"] = time.perf_counter() - start
+        start = time.perf_counter()
+        maps = model_maps(inferer, rgb, tile.read)
+        compiled = float(getattr(inferer.runtime, "compile_seconds", 0.0)) - compiled_before
+        seconds["setup"] += compiled
+        seconds["infer"] = time.perf_counter() - start - compiled
+        engine = f"{inferer.runtime.name} {inferer.runtime.precision}"
+    if maps.np_prob.shape != (tile.read.height, tile.read.width):
+        raise ValueError(f"maps of shape {maps.np_prob.shape} for a {tile.read.height}x{tile.read.width} read region")
+    return TileMaps(maps, seconds, engine)
+
+
+def finish_tile(task: TileTask, made: TileMaps) -> TileResult:
+    """Post-process a tile's maps and keep the nuclei whose centroid lies in its core.
+
+    Needs no GPU and does not read the region again (only the slide's size, from the
+    open handle), so a GPU worker can run it on any of its CPU threads.
+    """
+    slide_w, slide_h = _open_slide(task.slide).size_at(task.mpp)
+    start = time.perf_counter()
+    maps = made.maps
+    post = postprocess(maps.np_prob, maps.hv, maps.tp_prob, config=task.postproc, mpp=task.mpp)
+    del maps  # the float maps are the bulk of a tile's memory; only labels are needed now
+    made.maps = None  # type: ignore[assignment]
+    out = _owned(task, post.inst_map, post.nuclei, (slide_w, slide_h))
+    del post
+    out.seconds = {**made.seconds, "postprocess": time.perf_counter() - start}
+    out.engine = made.engine
+    return out
+
+
 def process_tile(task: TileTask, maps_fn: MapsFn | None = None) -> TileResult:
-    """Read one tile, segment it, and keep the nuclei whose centroid lies in its core.
+    """Read one tile, segment it, and keep the nuclei whose centroid lies in its core:
+    :func:`infer_tile` then :func:`finish_tile` in one task (CPU workers).
 
     ``maps_fn`` replaces the model as the source of NP/HV/TP maps: it gets the read
     region's RGB and the task and must return :class:`Maps` of the same size. It is
@@ -242,44 +312,7 @@ def process_tile(task: TileTask, maps_fn: MapsFn | None = None) -> TileResult:
     sampling; see :mod:`wsi_pipeline.engine.infer`). Nothing is padded when tile size
     and margin are multiples of 8 (:func:`default_margin` is).
     """
-    tile = task.tile
-    seconds: dict[str, float] = {}
-    start = time.perf_counter()
-    slide = _open_slide(task.slide)
-    rgb = slide.read_region_at(tile.read_level0.x0, tile.read_level0.y0, tile.read.width, tile.read.height, task.mpp)
-    slide_w, slide_h = slide.size_at(task.mpp)
-    seconds["read"] = time.perf_counter() - start
-
-    if maps_fn is not None:
-        start = time.perf_counter()
-        maps = maps_fn(rgb, task)
-    else:
-        # Start-up is its own stage: the model load and runtime conversion of a worker's
-        # first tile, and each new window shape's compilation, are not inference.
-        start = time.perf_counter()
-        inferer = get_inferer(task.model_path, task.infer)
-        compiled_before = float(getattr(inferer.runtime, "compile_seconds", 0.0))
-        seconds["setup"] = time.perf_counter() - start
-        start = time.perf_counter()
-        maps = model_maps(inferer, rgb, tile.read)
-        compiled = float(getattr(inferer.runtime, "compile_seconds", 0.0)) - compiled_before
-        seconds["setup"] += compiled
-        start += compiled
-    del rgb
-    if maps.np_prob.shape != (tile.read.height, tile.read.width):
-        raise ValueError(f"maps of shape {maps.np_prob.shape} for a {tile.read.height}x{tile.read.width} read region")
-    seconds["infer"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    post = postprocess(maps.np_prob, maps.hv, maps.tp_prob, config=task.postproc, mpp=task.mpp)
-    del maps  # the float maps are the bulk of a tile's memory; only labels are needed now
-    out = _owned(task, post.inst_map, post.nuclei, (slide_w, slide_h))
-    del post
-    seconds["postprocess"] = time.perf_counter() - start
-    out.seconds = seconds
-    if maps_fn is None:
-        out.engine = f"{inferer.runtime.name} {inferer.runtime.precision}"
-    return out
+    return finish_tile(task, infer_tile(task, maps_fn))
 
 
 def model_maps(inferer: TileInferer, rgb: np.ndarray, read: PixelBox) -> Maps:
