@@ -142,19 +142,6 @@ def engine_description(config: RunConfig, used: dict[str, int]) -> dict[str, Any
     return out
 
 
-@dataclass
-class _ResumableReport(SlideReport):
-    """The slide report plus how many tiles came from an interrupted run's checkpoint
-    (``tiles.resumed`` in report.json; their stage seconds are the earlier run's)."""
-
-    tiles_resumed: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        data = super().to_dict()
-        data["tiles"]["resumed"] = int(self.tiles_resumed)
-        return data
-
-
 def process_slide(
     job: SlideJob,
     run: SlideRun,
@@ -303,7 +290,7 @@ def process_slide(
     )
     grid_rows, grid_cols = grid_shape(width0, height0, mpp0, model.mpp, model.tile_size)
     quality = qc.summary()
-    report = _ResumableReport(
+    report = SlideReport(
         slide=str(job.path),
         name=job.name,
         width=width0,

@@ -107,6 +107,8 @@ class SlideReport:
     crops: list[dict[str, Any]] = field(default_factory=list)
     startup: dict[str, float] = field(default_factory=dict)
     engine: dict[str, Any] = field(default_factory=dict)
+    # Tiles taken from an interrupted run's checkpoint (their stage seconds are that run's).
+    tiles_resumed: int = 0
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     @property
@@ -150,6 +152,7 @@ class SlideReport:
             "tiles": {
                 "processed": int(self.tiles),
                 "grid": int(self.tiles_grid),
+                "resumed": int(self.tiles_resumed),
                 "tile_size": int(self.tile_size),
                 "margin": int(self.margin),
                 "seconds": summarise(self.tile_seconds),
@@ -332,9 +335,14 @@ def render_html(
         ),
         ("Inference resolution", f"{_fmt(report.mpp)} µm/px"),
         ("Tissue", f"{_fmt(report.tissue_mm2)} mm² ({_fmt(report.tissue_mpx)} Mpx)"),
-        ("Tiles", f"{report.tiles} of {report.tiles_grid} ({report.tile_size} px core, {report.margin} px margin)"),
+        ("Tiles", f"{report.tiles} of {report.tiles_grid} ({report.tile_size} px core, {report.margin} px margin)"
+                  + (f"; {report.tiles_resumed} resumed from an interrupted run" if report.tiles_resumed else "")),
         ("Nuclei", f"{report.nuclei}"),
         ("Touching a tile edge", f"{report.edge_touching}"),
+        ("Engine", ", ".join(f"{k}: {v} tile(s)" for k, v in report.engine.get("tiles_by_engine", {}).items())
+                   + (f" (window {report.engine['window']} px)" if report.engine.get("window") else "")
+                   + (f"; {report.engine['note']}" if report.engine.get("note") else "")),
+        ("Start-up", ", ".join(f"{k} {_fmt(v)} s" for k, v in report.startup.items()) or "-"),
         ("Wall clock", f"{_fmt(report.wall_seconds)} s"),
         (
             "Tissue throughput",
