@@ -54,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument(
         "--model", metavar="NAME|PATH", help="shipped model name or checkpoint (default: the shipped default)"
     )
-    model.add_argument("--tile-size", type=int, metavar="PX", help="tile core side in px at the model's µm/px (1312)")
+    model.add_argument("--tile-size", type=int, metavar="PX", help="tile core side in px at the model's µm/px (1648)")
     model.add_argument("--margin", type=int, metavar="PX", help="context around each tile in px (default: derived)")
     model.add_argument("--batch-size", type=int, metavar="N", help="windows per forward pass (4)")
     model.add_argument("--device", metavar="DEV", help="torch device: cpu, cuda or cuda:N (cpu)")
