@@ -69,13 +69,14 @@ def test_survey_the_sample_slides(tmp_path: Path, capsys: pytest.CaptureFixture[
     tiles = json.loads((svs_dir / "tiles.json").read_text())
     assert tiles["upsampled"] is True and tiles["tiles"] == len(tiles["tile_list"]) > 0
     assert 0.4 < tiles["tissue_mm2"] < 0.9
-    # the grid `run` would use with the default model: 1312 px cores at 0.25 µm/px, its derived margin
+    # the grid `run` would use with the default model: 1648 px cores at 0.25 µm/px, its derived margin
     from wsi_pipeline.batch import prepare_model
     from wsi_pipeline.config import RunConfig
 
     planned = prepare_model(RunConfig())
     assert (tiles["tile_px"], tiles["margin_px"], tiles["target_mpp"]) == (planned.tile_size, planned.margin, 0.25)
-    assert tiles["grid"] == {"rows": 5, "cols": 4}
+    # 2967 x 2220 px at 0.499 µm/px = 5934 x 4440 px at 0.25: ceil(/1648) = 4 rows, 3 cols
+    assert tiles["grid"] == {"rows": 4, "cols": 3}
     overlay = cv2.imread(str(svs_dir / "tissue.png"))
     assert overlay.shape == (186, 139, 3)
     pyramid = json.loads((out / "CMU-1-Small-Region-pyramid" / "tiles.json").read_text())

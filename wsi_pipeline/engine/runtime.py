@@ -27,6 +27,7 @@ torch with one warning naming the model and the reason.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -235,10 +236,13 @@ class OpenVINORuntime:
             f"{weights_checksum(model)}:{ov.__version__}:{EXPORT_REVISION}".encode()
         ).hexdigest()[:32]
         self.converted_from_cache = False
+        # Infer requests per (thread, shape), created before the compiled models they belong to
+        # so that they are also destroyed first (a request outliving its compiled model can
+        # crash the process when the garbage collector frees them in the other order).
+        self._requests: dict[tuple[int, tuple[int, ...]], Any] = {}
         self._model = self._converted(model)
         self._lock = threading.Lock()
         self._compiled: OrderedDict[tuple[int, ...], Any] = OrderedDict()
-        self._local = threading.local()
         self.compile_seconds = 0.0
 
     # -------------------------------------------------------------- conversion + cache
@@ -335,10 +339,8 @@ class OpenVINORuntime:
 
     # -------------------------------------------------------------- compile per shape
     def _request(self, shape: tuple[int, ...]) -> Any:
-        requests = getattr(self._local, "requests", None)
-        if requests is None:
-            requests = self._local.requests = {}
-        request = requests.get(shape)
+        key = (threading.get_ident(), shape)
+        request = self._requests.get(key)
         if request is None:
             request = self._executable(shape).create_infer_request()
             with _FIRST_TOUCH:
@@ -349,8 +351,17 @@ class OpenVINORuntime:
                 request.get_input_tensor(0).data  # noqa: B018
                 for i in range(len(request.model_outputs)):
                     request.get_output_tensor(i).data  # noqa: B018
-            requests[shape] = request
+            self._requests[key] = request
         return request
+
+    def close(self) -> None:
+        """Free the infer requests, then the compiled models (in that order)."""
+        self._requests.clear()
+        self._compiled.clear()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # interpreter shutdown: nothing left to order
+            self.close()
 
     def _executable(self, shape: tuple[int, ...]) -> Any:
         with self._lock:
@@ -373,7 +384,9 @@ class OpenVINORuntime:
             self.compile_seconds += time.perf_counter() - start
             self._compiled[shape] = compiled
             while len(self._compiled) > SHAPE_CACHE_SIZE:
-                self._compiled.popitem(last=False)
+                old, _ = self._compiled.popitem(last=False)
+                for key in [k for k in self._requests if k[1] == old]:
+                    del self._requests[key]
             return compiled
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
