@@ -28,7 +28,8 @@ run: $(STAMP_RUN)
 
 test: $(STAMP_DEV)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -m "not slow and not openvino"
+	$(VENV)/bin/python -m pytest -q -m openvino
 
 test-slow: $(STAMP_DEV)
 	$(VENV)/bin/python -m pytest -q -m slow

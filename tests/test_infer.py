@@ -322,69 +322,6 @@ def test_windows_do_not_change_interior_predictions(he_tile):
         assert ((a > 0.5) != (b > 0.5)).mean() < 1e-4, window
 
 
-# ----------------------------------------------------------------------------- OpenVINO
-openvino = pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install openvino)")
-
-
-@pytest.fixture()
-def ov_cache(tmp_path, monkeypatch) -> Path:
-    folder = tmp_path / "cache"
-    monkeypatch.setenv("WSI_PIPELINE_CACHE", str(folder))
-    return folder / "openvino"
-
-
-def test_openvino_matches_torch_fp32_and_caches_the_conversion(model_factory, he_crop, reference, ov_cache):
-    first = TileInferer(model_factory(), InferenceConfig(runtime="openvino", window=256))
-    assert first.runtime.name == "openvino" and first.runtime.precision == "f32"
-    assert not first.runtime.converted_from_cache
-    diff = compare_maps(reference, first.infer(he_crop))
-    assert not TOLERANCE_FP32.violations(diff), diff
-    assert len(list(ov_cache.glob("*.xml"))) == 1
-    again = TileInferer(model_factory(), InferenceConfig(runtime="auto", window=256))
-    assert again.runtime.name == "openvino" and again.runtime.converted_from_cache
-    assert not TOLERANCE_FP32.violations(compare_maps(reference, again.infer(he_crop)))
-
-
-def test_openvino_bf16_within_the_bf16_tolerance(model_factory, he_crop, reference, ov_cache):
-    inferer = TileInferer(model_factory(), InferenceConfig(runtime="openvino", bf16=True, window=256))
-    assert inferer.runtime.precision == "bf16"
-    diff = compare_maps(reference, inferer.infer(he_crop))
-    assert not TOLERANCE_BF16.violations(diff), diff
-
-
-@pytest.mark.parametrize("damage", ["truncated", "garbage"])
-def test_a_corrupt_conversion_cache_is_rebuilt_not_fatal(model_factory, he_crop, reference, ov_cache, damage, caplog):
-    TileInferer(model_factory(), InferenceConfig(runtime="openvino", window=256))
-    (xml,) = ov_cache.glob("*.xml")
-    if damage == "truncated":
-        xml.write_bytes(xml.read_bytes()[: len(xml.read_bytes()) // 3])
-    else:
-        xml.with_suffix(".bin").write_bytes(b"not a model")
-        xml.write_text("<net>garbage</")
-    inferer = TileInferer(model_factory(), InferenceConfig(runtime="openvino", window=256))
-    assert inferer.runtime.name == "openvino" and not inferer.runtime.converted_from_cache
-    assert "unreadable" in caplog.text
-    assert not TOLERANCE_FP32.violations(compare_maps(reference, inferer.infer(he_crop)))
-    assert TileInferer(model_factory(), InferenceConfig(runtime="openvino", window=256)).runtime.converted_from_cache
-
-
-class Untraceable(ProbeNet):
-    """A HoVer-Net-shaped module whose forward leaves torch for numpy: no graph to convert."""
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = super().forward(x)
-        out["np"] = torch.from_numpy(out["np"].detach().numpy().copy())
-        return out
-
-
-def test_a_model_openvino_cannot_convert_falls_back_to_torch_with_one_warning(ov_cache):
-    image = np.random.default_rng(2).integers(0, 256, (200, 200, 3), dtype=np.uint8)
-    with pytest.warns(RuntimeWarning, match=r"OpenVINO cannot convert model my-probe .*running it with torch"):
-        inferer = TileInferer(Untraceable(), InferenceConfig(runtime="auto"), label="my-probe")
-    assert inferer.runtime.name == "torch"
-    np.testing.assert_allclose(inferer.infer(image).np_prob, probe_expected(image, inferer.context).np_prob, atol=1e-6)
-
-
 def test_the_report_says_when_bf16_auto_ran_in_f32():
     from wsi_pipeline.engine.infer import bf16_native_note
 

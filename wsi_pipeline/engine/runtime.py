@@ -169,12 +169,11 @@ class _Exported(nn.Module):
 
 
 def openvino_available() -> bool:
-    """Whether the ``openvino`` package imports here."""
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether the ``openvino`` package is installed here (found, not imported: a process
+    that only plans a run, the driver, never loads the library)."""
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
 
 
 def cache_dir() -> Path:

@@ -1,0 +1,94 @@
+# ruff: noqa: F811  (pytest fixtures imported from test_infer are used as arguments)
+"""The OpenVINO runtime: matches torch, caches its conversion, survives a corrupt cache,
+falls back to torch for a model it cannot convert.
+
+Marked ``openvino`` and run by ``make test`` in a pytest process of their own: with the
+``openvino`` library loaded into the same process, later torch tests (bf16 convolutions)
+crashed the suite with a segmentation fault. The product never mixes them in one process
+for inference (a worker runs one runtime), and the main suite never imports openvino.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_infer import (  # noqa: F401  (the shared fixtures: same real crop, model and reference)
+    ProbeNet,
+    _few_threads,
+    he_crop,
+    he_tile,
+    model_factory,
+    probe_expected,
+    reference,
+)
+
+from wsi_pipeline.engine.infer import TOLERANCE_BF16, TOLERANCE_FP32, InferenceConfig, TileInferer, compare_maps
+
+pytestmark = pytest.mark.openvino
+
+# ----------------------------------------------------------------------------- OpenVINO
+pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install openvino)")
+
+
+@pytest.fixture()
+def ov_cache(tmp_path, monkeypatch) -> Path:
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("WSI_PIPELINE_CACHE", str(folder))
+    return folder / "openvino"
+
+
+def test_openvino_matches_torch_fp32_and_caches_the_conversion(model_factory, he_crop, reference, ov_cache):
+    first = TileInferer(model_factory(), InferenceConfig(runtime="openvino", window=256))
+    assert first.runtime.name == "openvino" and first.runtime.precision == "f32"
+    assert not first.runtime.converted_from_cache
+    diff = compare_maps(reference, first.infer(he_crop))
+    assert not TOLERANCE_FP32.violations(diff), diff
+    assert len(list(ov_cache.glob("*.xml"))) == 1
+    again = TileInferer(model_factory(), InferenceConfig(runtime="auto", window=256))
+    assert again.runtime.name == "openvino" and again.runtime.converted_from_cache
+    assert not TOLERANCE_FP32.violations(compare_maps(reference, again.infer(he_crop)))
+
+
+def test_openvino_bf16_within_the_bf16_tolerance(model_factory, he_crop, reference, ov_cache):
+    inferer = TileInferer(model_factory(), InferenceConfig(runtime="openvino", bf16=True, window=256))
+    assert inferer.runtime.precision == "bf16"
+    diff = compare_maps(reference, inferer.infer(he_crop))
+    assert not TOLERANCE_BF16.violations(diff), diff
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_corrupt_conversion_cache_is_rebuilt_not_fatal(model_factory, he_crop, reference, ov_cache, damage, caplog):
+    TileInferer(model_factory(), InferenceConfig(runtime="openvino", window=256))
+    (xml,) = ov_cache.glob("*.xml")
+    if damage == "truncated":
+        xml.write_bytes(xml.read_bytes()[: len(xml.read_bytes()) // 3])
+    else:
+        xml.with_suffix(".bin").write_bytes(b"not a model")
+        xml.write_text("<net>garbage</")
+    inferer = TileInferer(model_factory(), InferenceConfig(runtime="openvino", window=256))
+    assert inferer.runtime.name == "openvino" and not inferer.runtime.converted_from_cache
+    assert "unreadable" in caplog.text
+    assert not TOLERANCE_FP32.violations(compare_maps(reference, inferer.infer(he_crop)))
+    assert TileInferer(model_factory(), InferenceConfig(runtime="openvino", window=256)).runtime.converted_from_cache
+
+
+class Untraceable(ProbeNet):
+    """A HoVer-Net-shaped module whose forward leaves torch for numpy: no graph to convert."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = super().forward(x)
+        out["np"] = torch.from_numpy(out["np"].detach().numpy().copy())
+        return out
+
+
+def test_a_model_openvino_cannot_convert_falls_back_to_torch_with_one_warning(ov_cache):
+    image = np.random.default_rng(2).integers(0, 256, (200, 200, 3), dtype=np.uint8)
+    with pytest.warns(RuntimeWarning, match=r"OpenVINO cannot convert model my-probe .*running it with torch"):
+        inferer = TileInferer(Untraceable(), InferenceConfig(runtime="auto"), label="my-probe")
+    assert inferer.runtime.name == "torch"
+    np.testing.assert_allclose(inferer.infer(image).np_prob, probe_expected(image, inferer.context).np_prob, atol=1e-6)
+
+
