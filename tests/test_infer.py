@@ -332,3 +332,40 @@ def test_the_report_says_when_bf16_auto_ran_in_f32():
     assert bf16_native_note(False, "cpu", {"torch f32": 2}, native=False) == ""
     # On this machine, the real probe: a native CPU needs no note.
     assert (bf16_native_note("auto", "cpu", {"openvino f32": 1}) == "") == bf16_supported("cpu")
+
+
+def test_windows_on_glass_are_not_computed_and_read_as_background():
+    """Only windows within ``reach`` of tissue run; every pixel near tissue is computed
+    exactly as without the mask, the rest reads as background (what glass gives)."""
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (600, 700, 3), dtype=np.uint8)
+    tissue = np.zeros(image.shape[:2], bool)
+    tissue[20:60, 30:80] = True
+    reach = 24
+    probe = ProbeNet()
+    inferer = TileInferer(probe, InferenceConfig(batch_size=2, channels_last=False))
+    full = inferer.infer(image)
+    probe.seen.clear()
+    maps = inferer.infer(image, tissue, reach)
+
+    total = inferer.plan(600).count * inferer.plan(700).count
+    assert maps.windows_total == total and 0 < maps.windows_run < total and full.windows_run == total
+    assert sum(probe.seen) == maps.windows_run  # the others never reached the network
+    computed = np.zeros(image.shape[:2], bool)
+    for (_, ya, yb), (_, xa, xb) in inferer.windows(image, tissue, reach)[0]:
+        computed[ya:yb, xa:xb] = True
+    near = np.zeros_like(tissue)
+    near[max(20 - reach, 0) : 60 + reach, max(30 - reach, 0) : 80 + reach] = True
+    assert computed[near].all() and not computed.all()
+    np.testing.assert_array_equal(maps.np_prob[computed], full.np_prob[computed])
+    np.testing.assert_array_equal(maps.hv[:, computed], full.hv[:, computed])
+    np.testing.assert_array_equal(maps.tp_prob[:, computed], full.tp_prob[:, computed])
+    glass = ~computed
+    assert (maps.np_prob[glass] == 0).all() and (maps.hv[:, glass] == 0).all()
+    assert (maps.tp_prob[0, glass] == 1).all() and (maps.tp_prob[1:, glass] == 0).all()
+
+    probe.seen.clear()
+    none = inferer.infer(image, np.zeros_like(tissue), reach)
+    assert none.windows_run == 0 and probe.seen == [] and (none.np_prob == 0).all()
+    with pytest.raises(ModelError, match="tissue mask of shape"):
+        inferer.infer(image, tissue[:100], reach)

@@ -60,14 +60,18 @@ def test_cli_run_on_a_local_cluster(tmp_path: Path, assets: dict[str, Path], cap
     total = report["nuclei"]["total"]
     assert total > 0 and report["tiles"]["processed"] == 4 and report["tiles"]["margin"] == 0
     assert set(report["tiles"]["seconds"]) >= {"count", "mean", "max"} and report["tiles"]["seconds"]["count"] == 4
-    # Start-up is its own stage: the driver's model load, the cluster and the worker's model
-    # load + runtime conversion/compilation, all charged to this (the run's first) slide.
+    # Start-up is its own stage: the driver's model load, the cluster, the workers' engine
+    # warm-up (model load, runtime conversion/compilation, submitted as soon as the cluster is
+    # up) and what the tiles still spent on it, all charged to this (the run's first) slide.
     startup = report["startup"]
-    assert set(startup) == {"model", "cluster", "workers"} and all(v > 0 for v in startup.values())
+    assert set(startup) == {"model", "cluster", "workers", "warmup"} and all(v > 0 for v in startup.values())
     assert report["seconds"]["startup"] == pytest.approx(sum(startup.values()))
     engine = report["engine"]
     assert engine["runtime"] == "auto" and engine["window"] == 768
     assert sum(engine["tiles_by_engine"].values()) == 4
+    windows = engine["windows"]  # glass skipping: counted, never more computed than cover the tiles
+    assert engine["skip_glass"] is True and 0 < windows["computed"] <= windows["total"]
+    assert windows["skipped"] == windows["total"] - windows["computed"]
     assert set(engine["tiles_by_engine"]) <= {"openvino f32", "openvino bf16", "torch f32", "torch bf16"}
 
     features = geojson_features(folder / "crop.geojson")
@@ -139,3 +143,46 @@ def test_a_worker_killed_mid_slide_costs_only_its_tiles(tmp_path: Path, assets: 
     calm_labels = zarr.open_group(tmp_path / "calm" / "crop" / "crop.zarr", mode="r")["nuclei/0"][:]
     hurt_labels = zarr.open_group(tmp_path / "hurt" / "crop" / "crop.zarr", mode="r")["nuclei/0"][:]
     np.testing.assert_array_equal(calm_labels, hurt_labels)
+
+
+def test_windows_on_glass_are_skipped_and_nuclei_near_tissue_do_not_change(tmp_path: Path) -> None:
+    """A real crop, half glass, as one 1200 px tile of 164 px windows: the default run leaves
+    out the windows far from tissue (the report counts them) and every nucleus lying within
+    12 µm of the tissue is exactly what a run computing every window finds."""
+    import shapely
+    from scipy import ndimage as ndi
+
+    from wsi_pipeline.slide import tissue_mask
+
+    slide = tmp_path / "half-glass.tif"
+    with open_slide(SAMPLE) as source:
+        write_pyramid(source, slide, region=(1900, 600, 1200, 1200))
+    model = plumbing_model(tmp_path / "tiny.safetensors", slide)
+    base = ["run", str(slide), "--model", str(model), "--tile-size", "1200", "--margin", "0", "--window", "256"]
+    base += ["--workers", "1", "--threads-per-worker", "1", "--geojson", "plain", "--no-progress"]
+    assert main([*base, "--out", str(tmp_path / "skip")]) == 0
+    assert main([*base, "--out", str(tmp_path / "all"), "--no-skip-glass"]) == 0
+
+    skip = json.loads((tmp_path / "skip" / "half-glass" / "report.json").read_text())["engine"]
+    every = json.loads((tmp_path / "all" / "half-glass" / "report.json").read_text())["engine"]
+    assert every["skip_glass"] is False and every["windows"]["skipped"] == 0
+    assert skip["windows"]["total"] == every["windows"]["total"] > skip["windows"]["computed"] > 0
+
+    with open_slide(slide) as opened:
+        tissue = tissue_mask(opened)
+    # Level-0 px (0.25 µm) from the nearest tissue, at the mask's resolution (conservative by one mask pixel).
+    far = ndi.distance_transform_edt(~tissue.mask) * tissue.downsample_x - tissue.downsample_x
+
+    def near_tissue(folder: str) -> set[bytes]:
+        found = set()
+        for feature in geojson_features(tmp_path / folder / "half-glass" / "half-glass.geojson"):
+            shape = shapely.geometry.shape(feature["geometry"])
+            xy = np.asarray(shape.exterior.coords)
+            rows = np.minimum((xy[:, 1] / tissue.downsample_y).astype(int), tissue.mask.shape[0] - 1)
+            cols = np.minimum((xy[:, 0] / tissue.downsample_x).astype(int), tissue.mask.shape[1] - 1)
+            if (far[rows, cols] <= 12 / 0.25).all():  # the random model's blobs can be any size
+                found.add(shapely.normalize(shape).wkb)
+        return found
+
+    near_skip, near_all = near_tissue("skip"), near_tissue("all")
+    assert near_all and near_skip == near_all

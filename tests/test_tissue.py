@@ -88,3 +88,23 @@ def test_real_slide_mask_matches_between_backends_and_is_plausible() -> None:
 def test_full_mask_covers_the_slide() -> None:
     mask = TissueMask.full(1000, 500, 0.5, 0.5, 8.0)
     assert mask.mask.shape == (32, 63) and mask.mask.all()
+
+
+def test_a_tissue_crop_resampled_onto_a_read_region_matches_the_mask_pixel_by_pixel() -> None:
+    """What a tile task carries: the mask under its read region, looked up per read pixel."""
+    from wsi_pipeline.slide import TissueCrop
+
+    rng = np.random.default_rng(5)
+    mask = rng.random((40, 50)) > 0.6
+    tissue = TissueMask(mask, 8.0, 16.0, 16.0, 0.1)  # 16 level-0 px (0.5 µm/px) per mask pixel
+    scale = 0.5  # a 0.25 µm/px read grid: half a level-0 pixel per pixel
+    x0, y0, width, height = 301, 97, 900, 640  # read region in read-grid pixels
+    crop = tissue.crop(x0 * scale, y0 * scale, (x0 + width) * scale, (y0 + height) * scale)
+    assert isinstance(crop, TissueCrop) and crop.mask.size < mask.size
+    got = crop.on_grid(x0, y0, width, height, scale, scale)
+    cols = np.floor((x0 + np.arange(width) + 0.5) * scale / 16.0).astype(int)
+    rows = np.floor((y0 + np.arange(height) + 0.5) * scale / 16.0).astype(int)
+    np.testing.assert_array_equal(got, mask[np.ix_(rows, cols)])
+    # A region reaching past the slide's edge: no tissue there.
+    edge = tissue.crop(700.0, 560.0, 900.0, 700.0).on_grid(1400, 1120, 400, 280, scale, scale)
+    assert edge.shape == (280, 400) and not edge[:, 200:].any() and not edge[200:].any()

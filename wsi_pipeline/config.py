@@ -46,7 +46,7 @@ CLI_SOURCE = "command line"
 # batch size do not. The model is compared by its file checksum, not by how it was named.
 RESULT_OPTIONS = (
     "tile_size", "margin", "device", "bf16", "runtime", "window", "mpp", "target_mpp", "backend", "geojson",
-    "zarr_image",
+    "zarr_image", "skip_glass",
 )
 
 
@@ -150,6 +150,10 @@ class RunConfig(BaseModel):
     )
     window: int | None = Field(
         None, ge=96, le=4096, description="network input side in px for whole-tile inference (default: measured best)"
+    )
+    skip_glass: bool = Field(
+        True,
+        description="leave out network windows farther than 25 µm from the detected tissue (false: compute them all)",
     )
     workers: int | None = Field(None, ge=1, le=4096, description="Dask workers (default: sized to the machine)")
     threads_per_worker: int | None = Field(None, ge=1, le=1024, description="threads per Dask worker")

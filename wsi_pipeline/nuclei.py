@@ -96,6 +96,7 @@ class TileResult:
     corner in slide-global target pixels, same values. ``seconds``: {"setup", "read",
     "infer", "postprocess"}; the last includes ownership and the geometry conversions.
     ``engine``: how the maps were computed, e.g. ``"openvino bf16"`` (reports count them).
+    ``windows``: (computed, total) network windows over the read region (glass is skipped).
     """
 
     index: int
@@ -106,3 +107,4 @@ class TileResult:
     seconds: dict[str, float]
     worker: str
     engine: str = ""
+    windows: tuple[int, int] = (0, 0)

@@ -589,6 +589,38 @@ def run_guarded(fn: Callable[[Any], Any], task: Any) -> Any:
         return TaskFailure(exc)
 
 
+def _warm(model_path: str, infer: Any) -> float | None:
+    """:func:`wsi_pipeline.worker.warm_engine` on a worker; any failure is left to the first
+    tile, which meets the same problem and reports it properly."""
+    from wsi_pipeline.worker import warm_engine
+
+    try:
+        return warm_engine(model_path, infer)
+    except Exception as exc:  # noqa: BLE001 - the tiles report it
+        log.debug("engine warm-up failed on this worker: %s", exc)
+        return None
+
+
+def warm_workers(cluster: RunCluster, model_path: str, infer: Any) -> list[Any]:
+    """Start every connected worker's model load and compilation now, in the background.
+
+    Submitted before the driver reads the first slide's thumbnail and tissue, so on a small
+    slide the start-up overlaps the driver's own work instead of delaying the first tiles.
+    Returns the futures (keep them until the first slide is done: a released future's task
+    may be cancelled). Workers that join later warm up on their first tile as before.
+    """
+    client = cluster.client
+    try:
+        workers = list(client.scheduler_info(n_workers=-1).get("workers", {}))
+    except Exception:  # noqa: BLE001 - an old scheduler API or a busy scheduler: skip the warm-up
+        return []
+    return [
+        client.submit(_warm, model_path, infer, key=f"warm-engine-{uuid.uuid4().hex[:8]}", workers=[address],
+                      allow_other_workers=False, pure=False, resources=cluster.resources)
+        for address in workers
+    ]
+
+
 def infer_tile(task: TileTask) -> Any:
     """A tile's first step on a GPU worker, the one that holds the ``GPU`` resource
     (:func:`wsi_pipeline.worker.infer_tile`; submitted through :func:`run_guarded`)."""

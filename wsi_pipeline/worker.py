@@ -39,6 +39,7 @@ from wsi_pipeline.engine.infer import ALIGN, InferenceConfig, Maps, TileInferer
 from wsi_pipeline.engine.postproc import PostprocConfig, postprocess
 from wsi_pipeline.nuclei import Nucleus, TileResult
 from wsi_pipeline.slide.base import Slide, SlideSpec
+from wsi_pipeline.slide.tissue import TissueCrop
 from wsi_pipeline.tiling import PixelBox, Tile
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "default_margin",
     "finish_tile",
     "get_inferer",
+    "warm_engine",
     "infer_tile",
     "model_maps",
     "postproc_reach",
@@ -76,7 +78,9 @@ class TileTask:
     """Everything a worker needs for one tile; paths and numbers only, so it pickles.
 
     ``model_path`` is the resolved checkpoint file; ``mpp`` the inference µm/px (the
-    tile grid's target resolution).
+    tile grid's target resolution). ``tissue``: the slide's tissue mask under the read
+    region; network windows farther than :data:`MAX_NUCLEUS_UM` from any tissue are not
+    computed (``None``: every window is).
     """
 
     slide: SlideSpec
@@ -85,6 +89,14 @@ class TileTask:
     mpp: float
     infer: InferenceConfig = field(default_factory=InferenceConfig)
     postproc: PostprocConfig = field(default_factory=PostprocConfig)
+    tissue: TissueCrop | None = None
+
+    def tissue_pixels(self) -> np.ndarray | None:
+        """The tissue mask on the read region's own pixels (``None`` without a mask)."""
+        if self.tissue is None:
+            return None
+        read, tile = self.tile.read, self.tile
+        return self.tissue.on_grid(read.x0, read.y0, read.width, read.height, tile.scale_x, tile.scale_y)
 
 
 # (rgb of the read region, task) -> maps of the same height/width.
@@ -148,6 +160,20 @@ def get_inferer(model_path: str, infer: InferenceConfig | None = None) -> TileIn
         while len(_inferers) > MODEL_CACHE_SIZE:
             _inferers.popitem(last=False)
         return inferer
+
+
+def warm_engine(model_path: str, infer: InferenceConfig | None = None) -> float:
+    """Load the model and prepare the runtime for the engine's full window (conversion read
+    from the cache, compilation, first inference), so the first tile does not pay for it.
+
+    The batch submits this to every worker as soon as the cluster is up, while the driver
+    is still finding the tissue of the first slide. Returns the seconds it took.
+    """
+    start = time.perf_counter()
+    inferer = get_inferer(model_path, infer)
+    side = inferer.window
+    inferer.predict(np.full((1, side, side, 3), 255, dtype=np.uint8))
+    return time.perf_counter() - start
 
 
 def cache_info() -> dict[str, int]:
@@ -267,7 +293,8 @@ def infer_tile(task: TileTask, maps_fn: MapsFn | None = None) -> TileMaps:
         compiled_before = float(getattr(inferer.runtime, "compile_seconds", 0.0))
         seconds["setup"] = time.perf_counter() - start
         start = time.perf_counter()
-        maps = model_maps(inferer, rgb, tile.read)
+        reach = math.ceil(MAX_NUCLEUS_UM / task.mpp)
+        maps = model_maps(inferer, rgb, tile.read, task.tissue_pixels(), reach)
         compiled = float(getattr(inferer.runtime, "compile_seconds", 0.0)) - compiled_before
         seconds["setup"] += compiled
         seconds["infer"] = time.perf_counter() - start - compiled
@@ -286,6 +313,7 @@ def finish_tile(task: TileTask, made: TileMaps) -> TileResult:
     slide_w, slide_h = _open_slide(task.slide).size_at(task.mpp)
     start = time.perf_counter()
     maps = made.maps
+    windows = (int(maps.windows_run), int(maps.windows_total))
     post = postprocess(maps.np_prob, maps.hv, maps.tp_prob, config=task.postproc, mpp=task.mpp)
     del maps  # the float maps are the bulk of a tile's memory; only labels are needed now
     made.maps = None  # type: ignore[assignment]
@@ -293,6 +321,7 @@ def finish_tile(task: TileTask, made: TileMaps) -> TileResult:
     del post
     out.seconds = {**made.seconds, "postprocess": time.perf_counter() - start}
     out.engine = made.engine
+    out.windows = windows
     return out
 
 
@@ -315,8 +344,13 @@ def process_tile(task: TileTask, maps_fn: MapsFn | None = None) -> TileResult:
     return finish_tile(task, infer_tile(task, maps_fn))
 
 
-def model_maps(inferer: TileInferer, rgb: np.ndarray, read: PixelBox) -> Maps:
-    """The engine's maps for the read region, its windows on the slide-wide stride grid."""
+def model_maps(
+    inferer: TileInferer, rgb: np.ndarray, read: PixelBox, tissue: np.ndarray | None = None, reach: int = 0
+) -> Maps:
+    """The engine's maps for the read region, its windows on the slide-wide stride grid.
+
+    ``tissue`` (bool, the read region's pixels) and ``reach``: windows on glass are left out
+    (:meth:`TileInferer.infer`)."""
     height, width = rgb.shape[:2]
     step = ALIGN
     sx, sy = read.x0 % step, read.y0 % step
@@ -326,9 +360,13 @@ def model_maps(inferer: TileInferer, rgb: np.ndarray, read: PixelBox) -> Maps:
     grow_w = max(0, inferer.min_side - (width + sx))
     if sx or sy:
         rgb = np.pad(rgb, ((sy, 0), (sx, 0), (0, 0)), mode="symmetric")
+        if tissue is not None:
+            tissue = np.pad(tissue, ((sy, 0), (sx, 0)), mode="symmetric")
     if grow_h or grow_w:
         rgb = np.pad(rgb, ((0, grow_h), (0, grow_w), (0, 0)), constant_values=255)
-    maps = inferer.infer(rgb)
+        if tissue is not None:
+            tissue = np.pad(tissue, ((0, grow_h), (0, grow_w)), constant_values=False)
+    maps = inferer.infer(rgb, tissue, reach)
     if not (sx or sy or grow_h or grow_w):
         return maps
     window = (slice(sy, sy + height), slice(sx, sx + width))
@@ -336,6 +374,8 @@ def model_maps(inferer: TileInferer, rgb: np.ndarray, read: PixelBox) -> Maps:
         np_prob=np.ascontiguousarray(maps.np_prob[window]),
         hv=np.ascontiguousarray(maps.hv[(slice(None), *window)]),
         tp_prob=None if maps.tp_prob is None else np.ascontiguousarray(maps.tp_prob[(slice(None), *window)]),
+        windows_run=maps.windows_run,
+        windows_total=maps.windows_total,
     )
 
 

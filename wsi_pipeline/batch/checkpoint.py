@@ -61,6 +61,7 @@ def encode_result(result: TileResult) -> dict[str, np.ndarray]:
         "seconds": {k: float(v) for k, v in result.seconds.items()},
         "worker": result.worker,
         "engine": result.engine,
+        "windows": list(result.windows),
         "nuclei": n,
         "spill": len(result.spill),
         "uuids": [nucleus.uuid for nucleus in nuclei],
@@ -123,6 +124,7 @@ def decode_result(arrays: Any) -> TileResult:
         seconds=dict(meta["seconds"]),
         worker=str(meta["worker"]),
         engine=str(meta["engine"]),
+        windows=(int(meta["windows"][0]), int(meta["windows"][1])) if "windows" in meta else (0, 0),
     )
 
 

@@ -44,9 +44,9 @@ from wsi_pipeline.batch.marker import (
     slide_identity,
     write_done_marker,
 )
-from wsi_pipeline.batch.plan import ModelInfo, resolved_config, zarr_chunk
+from wsi_pipeline.batch.plan import ModelInfo, inference_config, resolved_config, zarr_chunk
 from wsi_pipeline.config import RunConfig
-from wsi_pipeline.engine.infer import DEFAULT_WINDOW, InferenceConfig, bf16_native_note
+from wsi_pipeline.engine.infer import DEFAULT_WINDOW, bf16_native_note
 from wsi_pipeline.errors import WsiPipelineError
 from wsi_pipeline.outputs.report import SlideReport
 from wsi_pipeline.schedule import RunCluster, TileBudget, stream_tiles
@@ -72,6 +72,9 @@ class SlideRun:
     # (workers up). Charged to the first slide the run processes (see process_slide).
     startup: dict[str, float] = field(default_factory=dict)
     startup_charged: bool = False
+    # The workers' engine warm-up futures (schedule.warm_workers): their seconds, run on the
+    # workers while the driver reads the first slide, are charged with the run's start-up.
+    warmup: list[Any] = field(default_factory=list, repr=False)
     # The in-flight bound the slides in flight share (None: each slide its own max_in_flight).
     budget: TileBudget | None = None
     # Guards what slides running at once in the batch's threads share (the start-up charge).
@@ -127,15 +130,21 @@ def slide_warnings(tissue_mm2: float, tiles: int, nuclei: int, upsampled: bool, 
     return warnings
 
 
-def engine_description(config: RunConfig, used: dict[str, int]) -> dict[str, Any]:
+def engine_description(
+    config: RunConfig, used: dict[str, int], windows: dict[str, int] | None = None
+) -> dict[str, Any]:
     """What ran the network: the options asked for and, per "runtime precision", how many
-    tiles each computed (a worker falls back to torch where OpenVINO cannot convert)."""
+    tiles each computed (a worker falls back to torch where OpenVINO cannot convert), and
+    how many network windows were computed of those covering the tiles (glass is skipped)."""
     out: dict[str, Any] = {
         "runtime": config.runtime,
         "bf16": config.bf16,
         "window": config.window or DEFAULT_WINDOW,
         "tiles_by_engine": dict(used),
+        "skip_glass": config.skip_glass,
     }
+    if windows is not None:
+        out["windows"] = {**windows, "skipped": int(windows.get("total", 0)) - int(windows.get("computed", 0))}
     note = bf16_native_note(config.bf16, config.device, used)
     if note:
         out["note"] = note
@@ -202,13 +211,13 @@ def process_slide(
     density = NucleiDensity(width0, height0, mpp0, len(model.classes) + 1)
     qc = NucleiQC(model.classes)
     stitcher = Stitcher(tiles, store, [geojson, table, store, density, qc], job.name, model.checksum)
-    infer = InferenceConfig(
-        device=run.cluster.device or config.device, threads=run.cluster.torch_threads,
-        batch_size=config.batch_size, bf16=config.bf16, runtime=config.runtime, window=config.window,
-    )
+    infer = inference_config(config, run.cluster.torch_threads, run.cluster.device)
     saved = checkpoint.bind(tiles) if checkpoint is not None else set()
     tasks = (
-        TileTask(spec, tile, str(model.path), model.mpp, infer, model.postproc)
+        TileTask(
+            spec, tile, str(model.path), model.mpp, infer, model.postproc,
+            tissue.crop(*tile.read_level0.as_list()) if config.skip_glass else None,
+        )
         for tile in tiles
         if tile.index not in saved
     )
@@ -282,6 +291,9 @@ def process_slide(
     with run.lock:
         if not run.startup_charged:
             startup.update({k: float(v) for k, v in run.startup.items()})
+            warmed = [f.result() for f in run.warmup if f.done() and f.status == "finished"]
+            if warmed:
+                startup["warmup"] = float(sum(w for w in warmed if w is not None))
             run.startup_charged = True
     seconds["startup"] = sum(startup.values())
     seconds.update(
@@ -309,7 +321,7 @@ def process_slide(
         model=model.describe(),
         config=resolved_config(config, model) | {"cluster": run.cluster.description, "slide_upsampled": upsampled},
         startup=startup,
-        engine=engine_description(config, stats.engines),
+        engine=engine_description(config, stats.engines, stats.windows),
         config_checksum=run.config_checksum,
         classes=model.classes,
         tile_seconds=list(stats.tile_seconds),

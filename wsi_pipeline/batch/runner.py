@@ -40,11 +40,11 @@ from wsi_pipeline.batch.inputs import SlideJob, gather_inputs, name_jobs
 from wsi_pipeline.batch.lock import out_folder_lock
 from wsi_pipeline.batch.marker import marker_owner, read_done_marker
 from wsi_pipeline.batch.one_slide import SlideOutcome, SlideRun, partial_dir, run_slide_job
-from wsi_pipeline.batch.plan import prepare_model, settings_checksum
+from wsi_pipeline.batch.plan import inference_config, prepare_model, settings_checksum
 from wsi_pipeline.config import RunConfig
 from wsi_pipeline.errors import ConfigError, Interrupted
 from wsi_pipeline.outputs.report import write_batch_report
-from wsi_pipeline.schedule import TileBudget, cluster_threads, open_client, performance_report
+from wsi_pipeline.schedule import TileBudget, cluster_threads, open_client, performance_report, warm_workers
 
 log = logging.getLogger(__name__)
 
@@ -337,6 +337,9 @@ def run_batch(
         with open_client(config) as cluster, performance_report(config.dask_report):
             threads = cluster_threads(cluster.client)
             startup = {"model": model_seconds, "cluster": time.perf_counter() - cluster_started}
+            warming = warm_workers(
+                cluster, str(model.path), inference_config(config, cluster.torch_threads, cluster.device)
+            )
             max_in_flight = config.max_in_flight or 2 * threads
             run = SlideRun(
                 config=config,
@@ -347,6 +350,7 @@ def run_batch(
                 on_tile=on_tile,
                 startup=startup,
                 budget=TileBudget(max_in_flight),
+                warmup=warming,
             )
             log.info("%s (%d thread(s)); dashboard: %s", cluster.description, threads, cluster.dashboard or "off")
 
@@ -361,6 +365,7 @@ def run_batch(
                 run_slides(jobs, run, out, config.slides_in_flight, record, on_start)
             finally:
                 batch_report = write_lists()
+                del warming
             description = cluster.description
     return BatchSummary(
         out=out,

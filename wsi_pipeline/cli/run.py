@@ -66,6 +66,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument(
         "--window", type=int, metavar="PX", help="network input side for whole-tile inference (768; a multiple of 8)"
     )
+    model.add_argument(
+        "--no-skip-glass", dest="skip_glass", action="store_false", default=None,
+        help="compute every network window of a tile, glass included (default: windows farther than 25 µm "
+        "from the detected tissue are left out)",
+    )
     model.add_argument("--mpp", type=float, metavar="UM", help="slide level-0 µm/px, overriding its metadata")
     model.add_argument("--target-mpp", type=float, metavar="UM", help="inference µm/px (default: the model's)")
     model.add_argument(

@@ -143,12 +143,15 @@ class Maps:
     ``np_prob``: float32 (H, W), probability that a pixel is nucleus (softmax channel 1).
     ``hv``: float32 (2, H, W), channel 0 horizontal, channel 1 vertical distance maps.
     ``tp_prob``: float32 (C, H, W) class probabilities (softmax), or ``None`` for a model
-    without a type branch.
+    without a type branch. ``windows_run`` / ``windows_total``: how many of the network
+    windows covering the tile were computed (the rest lay on glass; see :meth:`TileInferer.infer`).
     """
 
     np_prob: np.ndarray
     hv: np.ndarray
     tp_prob: np.ndarray | None
+    windows_run: int = 0
+    windows_total: int = 0
 
 
 @dataclass(frozen=True)
@@ -512,13 +515,12 @@ class TileInferer:
         if length <= largest:
             output = self._fit_output(length)
             return WindowPlan(length, output, 1, self._trim(output))
+        # Several windows: all of the configured size, the last one overhanging the edge
+        # (mirrored pixels, cropped away). Shrinking them to fit would give each edge tile
+        # its own input shapes, and each new shape costs the runtime a compilation (~0.4 s
+        # for OpenVINO here, against ~0.1 s of extra compute for an edge tile's overhang).
         count = math.ceil((length - 2 * trim) / (largest - 2 * trim))
-        while True:
-            output = self._fit_output(math.ceil((length + 2 * trim * (count - 1)) / count))
-            plan = WindowPlan(length, output, count, self._trim(output))
-            if plan.coverage >= length and (output - 2 * plan.trim) % ALIGN == 0:
-                return plan
-            count += 1
+        return WindowPlan(length, largest, count, trim)
 
     @property
     def min_side(self) -> int:
@@ -554,8 +556,39 @@ class TileInferer:
         if problem is not None:
             raise ModelError(None, *problem)
 
-    def window_batches(self, image: np.ndarray) -> Iterator[tuple[list[tuple[Span, Span]], np.ndarray]]:
+    def windows(self, image: np.ndarray, tissue: np.ndarray | None = None, reach: int = 0) -> tuple[
+        list[tuple[Span, Span]], int
+    ]:
+        """The (row, col) spans of the windows to compute over ``image``, and how many cover it.
+
+        With ``tissue`` (bool, the image's height and width), a window is left out when no
+        tissue pixel lies within ``reach`` px of the output it contributes: glass holds no
+        nuclei, and a nucleus whose pixels reach into such a window (at most ``reach`` px from
+        its tissue) is still computed whole. The decision depends only on the slide-wide tissue
+        mask, so neighbouring tiles agree about every pixel near tissue.
+        """
+        self._check_image(image)
+        height, width = image.shape[:2]
+        rows, cols = self.plan(height), self.plan(width)
+        spans = [(r, c) for r in rows.spans() for c in cols.spans()]
+        if tissue is None:
+            return spans, len(spans)
+        if tissue.shape != (height, width):
+            raise ModelError(None, f"tissue mask of shape {tissue.shape} for a {height}x{width} image",
+                             "give the tissue mask of the image's own pixels")
+        reach = max(0, int(reach))
+        kept = [
+            (r, c)
+            for r, c in spans
+            if tissue[max(r[1] - reach, 0) : r[2] + reach, max(c[1] - reach, 0) : c[2] + reach].any()
+        ]
+        return kept, len(spans)
+
+    def window_batches(
+        self, image: np.ndarray, spans: list[tuple[Span, Span]] | None = None
+    ) -> Iterator[tuple[list[tuple[Span, Span]], np.ndarray]]:
         """The windows :meth:`infer` runs over ``image``: (their (row, col) spans, uint8 batch).
+        ``spans``: a subset from :meth:`windows` (default: all of them).
 
         Public so benchmarks can time the forward passes alone over exactly these windows.
         """
@@ -568,29 +601,34 @@ class TileInferer:
         # only feeds outputs that are cropped away, so numpy's repeated reflection is fine.
         padded = np.pad(image, ((ctx, ctx + extra_y), (ctx, ctx + extra_x), (0, 0)), mode="reflect")
         in_h, in_w = self.input_side(rows.output), self.input_side(cols.output)
-        windows = [(r, c) for r in rows.spans() for c in cols.spans()]
+        windows = [(r, c) for r in rows.spans() for c in cols.spans()] if spans is None else spans
         bs = self.config.batch_size
         for start in range(0, len(windows), bs):
             chunk = windows[start : start + bs]
             yield chunk, np.stack([padded[r[0] : r[0] + in_h, c[0] : c[0] + in_w] for r, c in chunk])
 
-    def infer(self, image: np.ndarray) -> Maps:
+    def infer(self, image: np.ndarray, tissue: np.ndarray | None = None, reach: int = 0) -> Maps:
         """NP probability, HV and TP probability maps covering the whole ``image``.
 
         ``image``: (H, W, 3) uint8 RGB at the model's µm/px. Raises :class:`ModelError`
         for anything else (0-1 floats, grayscale, 16-bit, channels-first, tiny images).
+        ``tissue``/``reach``: windows on glass are not computed (see :meth:`windows`); their
+        pixels read as background (NP 0, HV 0, type 0 certain), what the network says of glass.
         """
-        self._check_image(image)
+        spans, total = self.windows(image, tissue, reach)
         height, width = image.shape[:2]
-        np_prob = np.empty((height, width), np.float32)
-        hv = np.empty((2, height, width), np.float32)
-        tp_prob = None if self.num_types is None else np.empty((self.num_types, height, width), np.float32)
-        for chunk, batch in self.window_batches(image):
-            pred = self.predict(batch)
-            for i, ((y0, ya, yb), (x0, xa, xb)) in enumerate(chunk):
-                src = (slice(ya - y0, yb - y0), slice(xa - x0, xb - x0))
-                np_prob[ya:yb, xa:xb] = pred["np_prob"][i][src]
-                hv[:, ya:yb, xa:xb] = pred["hv"][i][(slice(None), *src)]
-                if tp_prob is not None:
-                    tp_prob[:, ya:yb, xa:xb] = pred["tp_prob"][i][(slice(None), *src)]
-        return Maps(np_prob=np_prob, hv=hv, tp_prob=tp_prob)
+        np_prob = np.zeros((height, width), np.float32)
+        hv = np.zeros((2, height, width), np.float32)
+        tp_prob = None if self.num_types is None else np.zeros((self.num_types, height, width), np.float32)
+        if tp_prob is not None and len(spans) < total:
+            tp_prob[0] = 1.0
+        if spans:
+            for chunk, batch in self.window_batches(image, spans):
+                pred = self.predict(batch)
+                for i, ((y0, ya, yb), (x0, xa, xb)) in enumerate(chunk):
+                    src = (slice(ya - y0, yb - y0), slice(xa - x0, xb - x0))
+                    np_prob[ya:yb, xa:xb] = pred["np_prob"][i][src]
+                    hv[:, ya:yb, xa:xb] = pred["hv"][i][(slice(None), *src)]
+                    if tp_prob is not None:
+                        tp_prob[:, ya:yb, xa:xb] = pred["tp_prob"][i][(slice(None), *src)]
+        return Maps(np_prob=np_prob, hv=hv, tp_prob=tp_prob, windows_run=len(spans), windows_total=total)

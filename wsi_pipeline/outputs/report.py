@@ -341,6 +341,8 @@ def render_html(
         ("Touching a tile edge", f"{report.edge_touching}"),
         ("Engine", ", ".join(f"{k}: {v} tile(s)" for k, v in report.engine.get("tiles_by_engine", {}).items())
                    + (f" (window {report.engine['window']} px)" if report.engine.get("window") else "")
+                   + (f"; {report.engine['windows']['computed']} of {report.engine['windows']['total']} network "
+                      "windows computed (the rest on glass)" if report.engine.get("windows", {}).get("total") else "")
                    + (f"; {report.engine['note']}" if report.engine.get("note") else "")),
         ("Start-up", ", ".join(f"{k} {_fmt(v)} s" for k, v in report.startup.items()) or "-"),
         ("Wall clock", f"{_fmt(report.wall_seconds)} s"),

@@ -15,7 +15,7 @@ from wsi_pipeline.slide.opener import (
     open_slide,
     slide_stem,
 )
-from wsi_pipeline.slide.tissue import DEFAULT_MASK_MPP, TissueMask, tissue_mask
+from wsi_pipeline.slide.tissue import DEFAULT_MASK_MPP, TissueCrop, TissueMask, tissue_mask
 
 __all__ = [
     "DEFAULT_MASK_MPP",
@@ -25,6 +25,7 @@ __all__ = [
     "Level",
     "Slide",
     "SlideSpec",
+    "TissueCrop",
     "TissueMask",
     "find_slides",
     "open_slide",

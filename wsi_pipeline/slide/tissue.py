@@ -10,6 +10,7 @@ thumbnail) and fine enough to decide which 0.5 mm tiles hold tissue.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import cv2
@@ -23,6 +24,33 @@ DEFAULT_MASK_MPP = 8.0
 # stroma from dark epithelium and would drop the pale part.
 OTSU_MIN = 0.05
 OTSU_MAX = 0.10
+
+
+@dataclass(frozen=True)
+class TissueCrop:
+    """Part of a :class:`TissueMask`: ``mask`` holds its mask pixels from column ``c0``,
+    row ``r0`` on, each covering ``downsample_x`` x ``downsample_y`` level-0 pixels."""
+
+    mask: np.ndarray
+    c0: int
+    r0: int
+    downsample_x: float
+    downsample_y: float
+
+    def on_grid(self, x0: int, y0: int, width: int, height: int, scale_x: float, scale_y: float) -> np.ndarray:
+        """The crop resampled (nearest) onto ``height x width`` pixels whose top-left is pixel
+        ``(x0, y0)`` of a grid of ``scale_x`` x ``scale_y`` level-0 pixels per pixel (a tile's
+        read region at the inference µm/px). Pixels outside the crop are not tissue."""
+        out = np.zeros((height, width), dtype=bool)
+        if self.mask.size == 0 or width <= 0 or height <= 0:
+            return out
+        cols = np.floor((x0 + np.arange(width) + 0.5) * scale_x / self.downsample_x).astype(np.int64) - self.c0
+        rows = np.floor((y0 + np.arange(height) + 0.5) * scale_y / self.downsample_y).astype(np.int64) - self.r0
+        col_ok = (cols >= 0) & (cols < self.mask.shape[1])
+        row_ok = (rows >= 0) & (rows < self.mask.shape[0])
+        inside = self.mask[np.ix_(rows[row_ok], cols[col_ok])]
+        out[np.ix_(np.flatnonzero(row_ok), np.flatnonzero(col_ok))] = inside
+        return out
 
 
 @dataclass(frozen=True)
@@ -54,6 +82,18 @@ class TissueMask:
     @property
     def is_empty(self) -> bool:
         return not bool(self.mask.any())
+
+    def crop(self, x0: float, y0: float, x1: float, y1: float) -> TissueCrop:
+        """The mask pixels under the level-0 box ``[x0, x1) x [y0, y1)``, small enough to
+        travel with a tile task (a 2000 px tile at 0.25 µm/px is ~60 x 60 mask pixels)."""
+        rows, cols = self.mask.shape
+        c0 = min(max(int(math.floor(x0 / self.downsample_x)), 0), cols)
+        r0 = min(max(int(math.floor(y0 / self.downsample_y)), 0), rows)
+        c1 = min(max(int(math.ceil(x1 / self.downsample_x)), c0), cols)
+        r1 = min(max(int(math.ceil(y1 / self.downsample_y)), r0), rows)
+        return TissueCrop(
+            np.ascontiguousarray(self.mask[r0:r1, c0:c1], dtype=bool), c0, r0, self.downsample_x, self.downsample_y
+        )
 
     @classmethod
     def full(cls, width0: int, height0: int, mpp_x: float, mpp_y: float, mpp: float) -> TissueMask:
