@@ -6,14 +6,16 @@ report gives wall seconds, tissue mm², core megapixels and nuclei. In the same 
 and on the same cluster, a second pass then times only the model forward
 (:meth:`~wsi_pipeline.engine.infer.TileInferer.predict`, the engine's batch call)
 over the same windows: each tile's read region cut exactly as the engine cuts it
-(``TileInferer.window_batches``), in batches of the run's size. Reading and cutting are
+(``TileInferer.window_batches``, only the windows near tissue as the run computes them),
+in batches of the run's size. Reading and cutting are
 outside the timer. ``--tile-sizes`` repeats the run per tile size (how the default tile
 size was chosen); ``read_over_core`` says how much of the read is margin.
 
-    pipeline overhead = end-to-end wall seconds / (forward seconds / worker threads)
+    pipeline overhead = end-to-end wall seconds / forward wall seconds
 
-i.e. how much longer the whole run takes than the cluster's threads would need for the
-forward passes alone (target <= 1.15). Everything else (reading, tissue, post-processing,
+where the forward wall is the time during which at least one forward pass ran (the union of
+their intervals over all workers; see ``busy_seconds``): how much longer the whole run takes
+than the cluster needs for the forward passes alone (target <= 1.15). Everything else (reading, tissue, post-processing,
 stitching, writing, scheduling, idle threads at the end of a slide) is overhead.
 
     .venv/bin/python benchmarks/throughput.py --json benchmarks/results/throughput.json
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -46,7 +49,7 @@ def forward_seconds(task: Any) -> dict[str, float]:
     :meth:`~wsi_pipeline.engine.infer.TileInferer.window_batches`, the engine's own cut.
     """
     from wsi_pipeline.slide import SlideSpec
-    from wsi_pipeline.worker import get_inferer
+    from wsi_pipeline.worker import MAX_NUCLEUS_UM, get_inferer
 
     inferer = get_inferer(task.model_path, task.infer)
     tile = task.tile
@@ -54,14 +57,34 @@ def forward_seconds(task: Any) -> dict[str, float]:
         rgb = slide.read_region_at(
             tile.read_level0.x0, tile.read_level0.y0, tile.read.width, tile.read.height, task.mpp
         )
+    # The windows the pipeline computed: those near tissue (all of them with --no-skip-glass).
+    spans, _ = inferer.windows(rgb, task.tissue_pixels(), math.ceil(MAX_NUCLEUS_UM / task.mpp))
     seconds, windows, pixels = 0.0, 0, 0
-    for chunk, batch in inferer.window_batches(rgb):
-        began = time.perf_counter()
+    intervals: list[tuple[float, float]] = []
+    for chunk, batch in inferer.window_batches(rgb, spans):
+        began, wall_began = time.perf_counter(), time.time()
         inferer.predict(batch)
         seconds += time.perf_counter() - began
+        intervals.append((wall_began, time.time()))
         windows += len(chunk)
     pixels = rgb.shape[0] * rgb.shape[1]
-    return {"forward": seconds, "windows": float(windows), "read_pixels": float(pixels)}
+    return {"forward": seconds, "windows": float(windows), "read_pixels": float(pixels), "intervals": intervals}
+
+
+def busy_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals: the time at least one forward ran.
+
+    Per-task sums over-count where inferences wait for each other (the OpenVINO layout runs
+    one inference at a time per process, each on every core) and under-count nothing where
+    workers run in parallel, so the union is the forward's own wall time in both layouts.
+    """
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
 
 
 def measure(slide: Path, model: str, out: Path, config_options: dict[str, Any]) -> dict[str, Any]:
@@ -87,7 +110,11 @@ def measure(slide: Path, model: str, out: Path, config_options: dict[str, Any]) 
     with open_client(config) as cluster:
         threads = cluster_threads(cluster.client)
         infer = inference_config(config, cluster.torch_threads)
-        tasks = [TileTask(spec, tile, str(info.path), info.mpp, infer, info.postproc) for tile in tiles]
+        tasks = [
+            TileTask(spec, tile, str(info.path), info.mpp, infer, info.postproc,
+                     tissue.crop(*tile.read_level0.as_list()) if config.skip_glass else None)
+            for tile in tiles
+        ]
         # Warm-up: every worker loads the model, as it would have early in a long batch.
         stream_tiles(cluster.client, tasks[:threads], lambda _: None, max_in_flight=threads, fn=forward_seconds)
         run = SlideRun(config, info, cluster, settings_checksum(config, info), config.max_in_flight or 2 * threads)
@@ -99,7 +126,7 @@ def measure(slide: Path, model: str, out: Path, config_options: dict[str, Any]) 
     windows = int(sum(t["windows"] for t in timed))
     read_megapixels = sum(t["read_pixels"] for t in timed) / 1e6
     wall = float(report["seconds"]["wall"])
-    forward_wall = forward / threads
+    forward_wall = busy_seconds([span for t in timed for span in t["intervals"]])
     return {
         "slide": slide.name,
         "model": info.name,
@@ -123,7 +150,7 @@ def measure(slide: Path, model: str, out: Path, config_options: dict[str, Any]) 
         "nuclei_per_s": report["throughput"]["nuclei_per_s"],
         "stage_seconds": report["seconds"],
         "forward_s": forward,
-        "forward_us_per_core_px": forward / core_megapixels if core_megapixels else None,
+        "forward_us_per_core_px": forward_wall / core_megapixels if core_megapixels else None,
         "startup_s": report["seconds"].get("startup"),
         "forward_wall_s": forward_wall,
         "overhead_ratio": wall / forward_wall if forward_wall else None,

@@ -46,7 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
+        # --debug lines carry the milliseconds since start: where a slow run spends its time.
+        format="%(relativeCreated)8.0f ms %(levelname)s %(name)s: %(message)s" if args.debug
+        else "%(levelname)s %(name)s: %(message)s",
     )
     try:
         code = args.func(args)
