@@ -59,18 +59,18 @@ def main() -> None:
 
     rows: list[dict[str, Any]] = []
     for name in args.datasets:
-        reference: dict[str, float] | None = None
+        reference: dict[str, float | None] | None = None
         for config in args.configs:
             runtime, precision, window = config.split(":")
             scores = evaluate(DATASETS[name], args.model, runtime, precision, int(window), args.threads)
             row = {"dataset": name, "config": config, "model": scores.get("model"), "n_images": scores["n_images"],
-                   **{m: float(scores[m]) for m in METRICS}}
+                   **{m: None if scores.get(m) is None else float(scores[m]) for m in METRICS}}
             if reference is None:
                 reference = {m: row[m] for m in METRICS}
-            row["delta"] = {m: row[m] - reference[m] for m in METRICS}
+            row["delta"] = {m: None if row[m] is None else row[m] - reference[m] for m in METRICS}
             rows.append(row)
-            print(f"{name:8s} {config:18s} " + "  ".join(f"{m} {row[m]:.4f} ({row['delta'][m]:+.4f})" for m in METRICS),
-                  flush=True)
+            shown = [f"{m} {row[m]:.4f} ({row['delta'][m]:+.4f})" for m in METRICS if row[m] is not None]
+            print(f"{name:8s} {config:18s} " + "  ".join(shown), flush=True)
     result = {
         "benchmark": "window_accuracy",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
