@@ -99,6 +99,16 @@ def content(folder: Path, name: str) -> dict[str, object]:
 def assert_same_results(a: Path, b: Path, name: str) -> None:
     """Two runs' results of slide ``name`` (in folders ``a`` and ``b``) are identical."""
     left, right = content(a, name), content(b, name)
-    assert left["features"] == right["features"]
+    if left["features"] != right["features"]:
+        pairs = list(zip(left["features"], right["features"], strict=False))
+        differing = [(i, x, y) for i, (x, y) in enumerate(pairs) if x != y]
+        detail = ""
+        if differing:
+            i, x, y = differing[0]
+            keys = [k for k in x if x.get(k) != y.get(k)]
+            detail = f"; first at feature {i}, keys {keys}: {str(x)[:400]} != {str(y)[:400]}"
+        raise AssertionError(
+            f"{name}: {len(left['features'])} vs {len(right['features'])} features, {len(differing)} differ{detail}"
+        )
     np.testing.assert_array_equal(left["labels"], right["labels"])
     np.testing.assert_array_equal(left["classes"], right["classes"])

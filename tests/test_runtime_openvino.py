@@ -52,6 +52,20 @@ def test_openvino_matches_torch_fp32_and_caches_the_conversion(model_factory, he
     assert not TOLERANCE_FP32.violations(compare_maps(reference, again.infer(he_crop)))
 
 
+def test_the_converting_process_computes_exactly_what_the_cache_gives_later(model_factory, he_crop, ov_cache):
+    """A slide's results must not depend on which run converted the model: the in-memory
+    conversion and the IR read back from disk differed in the last bits (seen as a few
+    nuclei's probabilities changing between the first and later runs of one slide)."""
+    first = TileInferer(model_factory(), InferenceConfig(runtime="openvino", bf16=True, window=256))
+    assert not first.runtime.converted_from_cache
+    later = TileInferer(model_factory(), InferenceConfig(runtime="openvino", bf16=True, window=256))
+    assert later.runtime.converted_from_cache
+    a, b = first.infer(he_crop), later.infer(he_crop)
+    np.testing.assert_array_equal(a.np_prob, b.np_prob)
+    np.testing.assert_array_equal(a.hv, b.hv)
+    np.testing.assert_array_equal(a.tp_prob, b.tp_prob)
+
+
 def test_openvino_bf16_within_the_bf16_tolerance(model_factory, he_crop, reference, ov_cache):
     inferer = TileInferer(model_factory(), InferenceConfig(runtime="openvino", bf16=True, window=256))
     assert inferer.runtime.precision == "bf16"

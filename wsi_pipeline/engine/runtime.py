@@ -273,6 +273,14 @@ class OpenVINORuntime:
                 log.warning("compiled-model cache %s is unreadable (%s); converting the model again", xml, exc)
         converted = self._convert(model)
         self._store(converted, xml)
+        if xml.is_file() and xml.with_suffix(".bin").is_file():
+            # Compute with the IR as read back, as every later process will: the graph saving
+            # and reading give is not bit-identical to the in-memory conversion, and a slide's
+            # results must not depend on whether this process was the one that converted.
+            try:
+                return self.core.read_model(str(xml))
+            except Exception as exc:  # another process replaced it meanwhile with a damaged file
+                log.warning("cannot read back the converted model %s (%s); using it from memory", xml, exc)
         return converted
 
     def _convert(self, model: nn.Module) -> Any:
