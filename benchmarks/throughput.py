@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
@@ -49,7 +48,7 @@ def forward_seconds(task: Any) -> dict[str, float]:
     :meth:`~wsi_pipeline.engine.infer.TileInferer.window_batches`, the engine's own cut.
     """
     from wsi_pipeline.slide import SlideSpec
-    from wsi_pipeline.worker import MAX_NUCLEUS_UM, get_inferer
+    from wsi_pipeline.worker import get_inferer
 
     inferer = get_inferer(task.model_path, task.infer)
     tile = task.tile
@@ -58,7 +57,7 @@ def forward_seconds(task: Any) -> dict[str, float]:
             tile.read_level0.x0, tile.read_level0.y0, tile.read.width, tile.read.height, task.mpp
         )
     # The windows the pipeline computed: those near tissue (all of them with --no-skip-glass).
-    spans, _ = inferer.windows(rgb, task.tissue_pixels(), math.ceil(MAX_NUCLEUS_UM / task.mpp))
+    spans, _ = inferer.windows(rgb, task.tissue_pixels(), task.glass_reach())
     seconds, windows, pixels = 0.0, 0, 0
     intervals: list[tuple[float, float]] = []
     for chunk, batch in inferer.window_batches(rgb, spans):

@@ -91,6 +91,10 @@ class TileTask:
     postproc: PostprocConfig = field(default_factory=PostprocConfig)
     tissue: TissueCrop | None = None
 
+    def glass_reach(self) -> int:
+        """Pixels from tissue within which windows are computed (:data:`MAX_NUCLEUS_UM`)."""
+        return math.ceil(MAX_NUCLEUS_UM / self.mpp)
+
     def tissue_pixels(self) -> np.ndarray | None:
         """The tissue mask on the read region's own pixels (``None`` without a mask)."""
         if self.tissue is None:
@@ -293,8 +297,7 @@ def infer_tile(task: TileTask, maps_fn: MapsFn | None = None) -> TileMaps:
         compiled_before = float(getattr(inferer.runtime, "compile_seconds", 0.0))
         seconds["setup"] = time.perf_counter() - start
         start = time.perf_counter()
-        reach = math.ceil(MAX_NUCLEUS_UM / task.mpp)
-        maps = model_maps(inferer, rgb, tile.read, task.tissue_pixels(), reach)
+        maps = model_maps(inferer, rgb, tile.read, task.tissue_pixels(), task.glass_reach())
         compiled = float(getattr(inferer.runtime, "compile_seconds", 0.0)) - compiled_before
         seconds["setup"] += compiled
         seconds["infer"] = time.perf_counter() - start - compiled

@@ -617,9 +617,11 @@ class TileInferer:
         """
         spans, total = self.windows(image, tissue, reach)
         height, width = image.shape[:2]
-        np_prob = np.zeros((height, width), np.float32)
-        hv = np.zeros((2, height, width), np.float32)
-        tp_prob = None if self.num_types is None else np.zeros((self.num_types, height, width), np.float32)
+        # Every pixel is written by exactly one window; only skipped windows leave pixels to fill.
+        fill = np.zeros if len(spans) < total else np.empty
+        np_prob = fill((height, width), np.float32)
+        hv = fill((2, height, width), np.float32)
+        tp_prob = None if self.num_types is None else fill((self.num_types, height, width), np.float32)
         if tp_prob is not None and len(spans) < total:
             tp_prob[0] = 1.0
         if spans:
