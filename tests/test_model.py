@@ -7,13 +7,15 @@ arithmetic); forwards run on narrow models so the suite stays fast.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from wsi_pipeline.engine.macs import count_macs, count_params
+from wsi_pipeline.engine.macs import count_macs, count_params, model_macs
 from wsi_pipeline.engine.model import ChannelSpec, HoVerNet, TFSamePad
 from wsi_pipeline.errors import ModelError
 
@@ -285,3 +287,33 @@ def test_full_model_macs_are_counted_on_meta() -> None:
     macs = count_macs(fast)
     assert 140e9 < macs < 160e9  # ~149 GMAC per 256x256 patch
     assert not list(fast.decoder["np"].u0.conv._forward_hooks)  # hooks removed
+
+
+def test_recorded_macs_are_used_only_while_the_widths_match() -> None:
+    net = HoVerNet("fast", num_types=None, spec=ChannelSpec.full("fast").scaled(0.125))
+    counted = count_macs(net)
+    net.meta = {"params": str(count_params(net)), "macs": "123"}
+    assert model_macs(net) == 123
+    net.meta = {"params": str(count_params(net) + 1), "macs": "123"}  # another architecture's record
+    assert model_macs(net) == counted
+    net.meta = {"params": "many", "macs": "123"}
+    assert model_macs(net) == counted
+
+
+def test_loading_the_default_model_and_preparing_a_run_stay_off_torch_dynamo() -> None:
+    """A run's driver and workers load the model from a file (built on the meta device) and
+    report its MACs; neither may import ``torch._dynamo``, which cost every process 1.5-2.4 s
+    of its start (the random init on meta, and the MAC count's meta forward, pulled it in).
+    A fresh interpreter, since this test session may have imported it already."""
+    code = (
+        "import sys\n"
+        "from wsi_pipeline.batch.plan import prepare_model\n"
+        "from wsi_pipeline.config import RunConfig\n"
+        "from wsi_pipeline.engine.weights import load_model\n"
+        "info = prepare_model(RunConfig())\n"
+        "model = load_model(info.path)\n"
+        "assert info.macs > 0 and info.params > 0\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stdout + out.stderr

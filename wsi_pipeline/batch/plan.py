@@ -94,7 +94,7 @@ def prepare_model(config: RunConfig) -> ModelInfo:
     mistake of the whole run, refused before any cluster starts.
     """
     from wsi_pipeline.engine.device import torch_device
-    from wsi_pipeline.engine.macs import count_macs, count_params
+    from wsi_pipeline.engine.macs import count_params, model_macs
     from wsi_pipeline.engine.registry import resolve_model
     from wsi_pipeline.engine.weights import load_model, model_postproc
     from wsi_pipeline.worker import default_margin
@@ -117,7 +117,7 @@ def prepare_model(config: RunConfig) -> ModelInfo:
         mpp=mpp,
         classes=list(meta.get("classes", [])),
         params=count_params(model),
-        macs=count_macs(model),
+        macs=model_macs(model),
         input_size=int(model.input_size),
         output_size=int(model.output_size),
         margin=margin,

@@ -14,7 +14,7 @@ from torch.func import functional_call
 
 from wsi_pipeline.errors import ModelError
 
-__all__ = ["count_macs", "count_params"]
+__all__ = ["count_macs", "count_params", "model_macs"]
 
 
 def count_params(model: nn.Module) -> int:
@@ -62,3 +62,22 @@ def count_macs(model: nn.Module, input_size: int | tuple[int, int] | None = None
         for handle in handles:
             handle.remove()
     return int(total)
+
+
+def model_macs(model: nn.Module) -> int:
+    """The MACs a checkpoint recorded when it was written, when its recorded parameter count
+    matches the loaded model (the widths, and with them the MACs, are then the recorded
+    ones); otherwise counted.
+
+    Why: counting runs on the ``meta`` device, whose ops go through torch's Python
+    reference implementations; their first call imports ``torch._dynamo``, 1.5-2.4 s that
+    every run's driver paid only to print a figure the file already holds.
+    """
+    meta = getattr(model, "meta", None) or {}
+    try:
+        recorded_params, recorded_macs = int(meta["params"]), int(meta["macs"])
+    except (KeyError, TypeError, ValueError):
+        return count_macs(model)
+    if recorded_params != count_params(model) or recorded_macs <= 0:
+        return count_macs(model)
+    return recorded_macs
