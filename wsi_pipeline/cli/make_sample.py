@@ -19,7 +19,6 @@ from wsi_pipeline.slide import open_slide
 from wsi_pipeline.slide._image import ArraySlide
 from wsi_pipeline.slide.opener import BACKENDS, TIFF_EXTENSIONS
 from wsi_pipeline.slide.pyramid import DEFAULT_QUALITY, DEFAULT_TILE, write_pyramid
-from wsi_pipeline.slide.synthetic import synthetic_he
 
 SYNTHETIC_MPP = 0.25
 
@@ -93,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
         width, height = args.size
         if width < 16 or height < 16:
             raise ConfigError(None, f"--size must be at least 16x16, got {width}x{height}", None)
+        from wsi_pipeline.slide.synthetic import synthetic_he  # scipy-heavy: only when asked for
+
         image, _ = synthetic_he(width, height, mpp=SYNTHETIC_MPP, seed=args.seed)
         source = ArraySlide(image, mpp=SYNTHETIC_MPP, path=f"<synthetic seed={args.seed}>")
         what = f"synthetic H&E-like image, seed {args.seed}"

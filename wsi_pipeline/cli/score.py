@@ -14,13 +14,15 @@ import sys
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from wsi_pipeline.atomic import write_json_atomic
 from wsi_pipeline.errors import DataError
-from wsi_pipeline.metrics import ScoreItem, score_images
+
+if TYPE_CHECKING:
+    from wsi_pipeline.metrics import ScoreItem
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     pairs = match_files(args.pred_dir, args.gt_dir)
+    from wsi_pipeline.metrics import score_images  # scipy-heavy: every CLI start would pay for it
+
     result = score_images(iter_items(pairs))
     print(format_summary(result))
     if args.json is not None:
