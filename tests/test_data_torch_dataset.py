@@ -162,3 +162,34 @@ def test_balanced_sampler_draws_rare_samples_more_and_varies_repeats():
     assert torch.equal(ds[(9, 0)]["image"], ds[9]["image"])
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4, sampler=sampler)))
     assert batch["image"].shape == (4, 3, 32, 32)
+
+
+def _offset_of(item: dict, sample: Sample) -> tuple[int, int]:
+    """Where in the sample the item's output crop lies (its NP target matched against the labels)."""
+    target = item["np"].numpy()
+    gt = (sample.inst_map > 0).astype(np.int64)
+    o = target.shape[0]
+    windows = np.lib.stride_tricks.sliding_window_view(gt, (o, o))
+    first_rows = np.all(windows[:, :, 0, :] == target[0], axis=-1)  # cheap filter, then the full check
+    hits = [(int(r), int(c)) for r, c in zip(*np.nonzero(first_rows)) if np.array_equal(windows[r, c], target)]
+    assert len(hits) == 1, hits[:5]
+    return hits[0]
+
+
+def test_reach_edges_supervises_a_whole_input_sized_crop_with_mirrored_context():
+    sample = blob_sample("crop", 256, 40, 7)
+    plain = HoverTrainDataset([sample], augment=False, seed=0)
+    assert {_offset_of(plain[(0, d)], sample) for d in range(6)} == {(46, 46)}  # the centre only
+    edges = HoverTrainDataset([sample], augment=False, seed=0, reach_edges=True)
+    offsets = [_offset_of(edges[(0, d)], sample) for d in range(40)]
+    rows, cols = zip(*offsets)
+    # output crops anywhere in the image: together they reach all four edges' bands
+    assert min(rows) < 15 and max(rows) > 92 - 15 and min(cols) < 15 and max(cols) > 92 - 15
+    for draw, (r, c) in enumerate(offsets[:5]):
+        image = edges[(0, draw)]["image"].numpy().transpose(1, 2, 0)
+        # the window is the image mirrored by the 46 px margin, as the engine pads an edge
+        mirrored = np.pad(sample.image, ((46, 46), (46, 46), (0, 0)), mode="reflect")
+        np.testing.assert_array_equal(image, mirrored[r : r + 256, c : c + 256])
+        # HV of a nucleus the image edge cuts points to the centre of its visible part
+        hv = edges[(0, draw)]["hv"].numpy()
+        np.testing.assert_allclose(hv, hv_map(sample.inst_map)[:, r : r + 164, c : c + 164], atol=1e-6)

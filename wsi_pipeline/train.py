@@ -69,6 +69,11 @@ class TrainConfig(BaseModel):
     scale_jitter: float = Field(
         0.0, ge=0, lt=0.5, description="random rescale by up to +-this fraction (scanners differ in true µm/px)"
     )
+    reach_edges: bool = Field(
+        True,
+        description="mirror image edges as the engine does and let output crops reach them "
+        "(else a 256 px image only supervises its centre 164 px)",
+    )
     bn_l1: float = Field(0.0, ge=0, description="L1 penalty on BN scales (Network Slimming)")
     seed: int = 0
     threads: int | None = Field(None, ge=1)
@@ -205,6 +210,7 @@ def fit(
         crops_per_large_image=cfg.crops_per_large_image,
         seed=cfg.seed,
         scale_jitter=cfg.scale_jitter,
+        reach_edges=cfg.reach_edges,
     )
     if len(dataset) == 0:
         raise ConfigError(workdir, "no training samples left after the dev split", "pass more training data")

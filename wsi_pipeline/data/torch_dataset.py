@@ -6,6 +6,13 @@ Images of at most ``input_size`` give one item each (smaller ones are padded wit
 and background); larger images (MoNuSeg's 1000 x 1000 tiles) give
 ``crops_per_large_image`` items at random positions, drawn anew every epoch.
 
+With ``reach_edges`` the image is first mirrored by the network's margin ``(input - output) / 2``
+on every side, as the engine pads an image or slide edge (:mod:`wsi_pipeline.engine.infer`),
+and windows are drawn so their output crop may lie anywhere in the image. Without it an image
+of the input size (CoNSeP's 256 px crops) only ever supervises its centre 164 px, 41% of its
+labels, and the network never sees the mirrored context it meets at inference on every
+image edge.
+
 HV targets are computed with up to ``context`` pixels of the image around the window,
 so nuclei cut by the window edge keep their true centre (see
 :mod:`wsi_pipeline.data.targets`).
@@ -41,6 +48,23 @@ def _pad_to(arr: np.ndarray, height: int, width: int, value: int) -> np.ndarray:
         return arr
     pad = [(dh // 2, dh - dh // 2), (dw // 2, dw - dw // 2)] + [(0, 0)] * (arr.ndim - 2)
     return np.pad(arr, pad, mode="constant", constant_values=value)
+
+
+def _mirror_margin(
+    image: np.ndarray, inst: np.ndarray, types: np.ndarray | None, margin: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Mirror the image by ``margin`` on every side (the engine's edge padding); labels get background.
+
+    The mirrored band is context only: every output crop drawn afterwards lies inside the
+    original image, so a nucleus cut by the image edge is labelled by its visible part, as the
+    ground truth of a crop is.
+    """
+    if margin <= 0:
+        return image, inst, types
+    image = np.pad(image, ((margin, margin), (margin, margin), (0, 0)), mode="reflect")
+    inst = np.pad(inst, margin, mode="constant", constant_values=0)
+    types = None if types is None else np.pad(types, margin, mode="constant", constant_values=0)
+    return image, inst, types
 
 
 def rescale_sample(
@@ -86,6 +110,7 @@ class HoverTrainDataset(Dataset):
         context: int = 64,
         augmenter: Augmenter | None = None,
         scale_jitter: float = 0.0,
+        reach_edges: bool = False,
     ) -> None:
         if output_size > input_size:
             raise ValueError(f"output_size {output_size} exceeds input_size {input_size}")
@@ -105,6 +130,7 @@ class HoverTrainDataset(Dataset):
         self.context = max(0, context)
         self.augmenter = augmenter if augmenter is not None else Augmenter()
         self.scale_jitter = float(scale_jitter)
+        self.reach_edges = bool(reach_edges)
         self.epoch = 0
         counts = [crops_per_large_image if (h > input_size or w > input_size) else 1 for h, w in sample_shapes(samples)]
         self.item_sample = np.repeat(np.arange(len(counts)), counts).astype(np.int64)
@@ -142,6 +168,8 @@ class HoverTrainDataset(Dataset):
                 factor = float(rng.uniform(1.0 - self.scale_jitter, 1.0 + self.scale_jitter))
                 image, inst, types = rescale_sample(image, inst, types, factor)
         n, o = self.input_size, self.output_size
+        if self.reach_edges:
+            image, inst, types = _mirror_margin(image, inst, types, (n - o) // 2)
         image = _pad_to(image, n, n, _PAD_IMAGE)
         inst = _pad_to(inst, n, n, 0)
         types = None if types is None else _pad_to(types, n, n, 0)
