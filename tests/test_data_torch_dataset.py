@@ -171,7 +171,8 @@ def _offset_of(item: dict, sample: Sample) -> tuple[int, int]:
     o = target.shape[0]
     windows = np.lib.stride_tricks.sliding_window_view(gt, (o, o))
     first_rows = np.all(windows[:, :, 0, :] == target[0], axis=-1)  # cheap filter, then the full check
-    hits = [(int(r), int(c)) for r, c in zip(*np.nonzero(first_rows)) if np.array_equal(windows[r, c], target)]
+    candidates = zip(*np.nonzero(first_rows), strict=True)
+    hits = [(int(r), int(c)) for r, c in candidates if np.array_equal(windows[r, c], target)]
     assert len(hits) == 1, hits[:5]
     return hits[0]
 
@@ -182,7 +183,7 @@ def test_reach_edges_supervises_a_whole_input_sized_crop_with_mirrored_context()
     assert {_offset_of(plain[(0, d)], sample) for d in range(6)} == {(46, 46)}  # the centre only
     edges = HoverTrainDataset([sample], augment=False, seed=0, reach_edges=True)
     offsets = [_offset_of(edges[(0, d)], sample) for d in range(40)]
-    rows, cols = zip(*offsets)
+    rows, cols = zip(*offsets, strict=True)
     # output crops anywhere in the image: together they reach all four edges' bands
     assert min(rows) < 15 and max(rows) > 92 - 15 and min(cols) < 15 and max(cols) > 92 - 15
     for draw, (r, c) in enumerate(offsets[:5]):
