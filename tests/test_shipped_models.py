@@ -60,6 +60,6 @@ def test_the_pruned_default_runs_the_main_job(tmp_path: Path) -> None:
     argv = ["run", str(tmp_path / "crop.tif"), "--out", str(out), "--workers", "1", "--threads-per-worker", "1"]
     assert main([*argv, "--no-progress"]) == 0
     report = json.loads((out / "crop" / "report.json").read_text())
-    assert report["model"]["name"] == default_model_name() == "hovernet-fast-w025-v2-imp90-ft-cal"
+    assert report["model"]["name"] == default_model_name() == "hovernet-fast-w025-v2-imp90-edge-cal"
     assert report["model"]["params"] == 236681
     assert report["nuclei"]["total"] > 20  # a 492 px (123 µm) crop of dense tissue
