@@ -11,6 +11,8 @@ from wsi_pipeline.data.augment import Augmenter
 from wsi_pipeline.data.dataset import Sample
 from wsi_pipeline.data.targets import hv_map
 from wsi_pipeline.data.torch_dataset import BalancedSampler, HoverTrainDataset, sample_weights
+from wsi_pipeline.engine.infer import InferenceConfig, TileInferer
+from wsi_pipeline.engine.model import ChannelSpec, HoVerNet
 
 torch.set_num_threads(1)
 
@@ -186,10 +188,16 @@ def test_reach_edges_supervises_a_whole_input_sized_crop_with_mirrored_context()
     rows, cols = zip(*offsets, strict=True)
     # output crops anywhere in the image: together they reach all four edges' bands
     assert min(rows) < 15 and max(rows) > 92 - 15 and min(cols) < 15 and max(cols) > 92 - 15
+    # the engine's own edge padding: its first 256 px window of this image starts 46 px out
+    model = HoVerNet(mode="fast", num_types=5, spec=ChannelSpec.scaled(0.125, "fast"))
+    engine = TileInferer(model, InferenceConfig(window=256))
+    spans, batch = next(engine.window_batches(sample.image))
+    assert spans[0][0][0] == spans[0][1][0] == 0  # the top-left window, in padded coordinates
+    mirrored = np.pad(sample.image, ((46, 46), (46, 46), (0, 0)), mode="reflect")
+    np.testing.assert_array_equal(batch[0], mirrored[:256, :256])
     for draw, (r, c) in enumerate(offsets[:5]):
         image = edges[(0, draw)]["image"].numpy().transpose(1, 2, 0)
         # the window is the image mirrored by the 46 px margin, as the engine pads an edge
-        mirrored = np.pad(sample.image, ((46, 46), (46, 46), (0, 0)), mode="reflect")
         np.testing.assert_array_equal(image, mirrored[r : r + 256, c : c + 256])
         # HV of a nucleus the image edge cuts points to the centre of its visible part
         hv = edges[(0, draw)]["hv"].numpy()
