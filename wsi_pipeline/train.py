@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from wsi_pipeline.atomic import atomic_path
+from wsi_pipeline.budget_clock import BudgetClock
 from wsi_pipeline.data import Sample
 from wsi_pipeline.data.torch_dataset import BalancedSampler, HoverTrainDataset
 from wsi_pipeline.engine._malloc import keep_freed_memory
@@ -265,115 +266,114 @@ def fit(
 
     epoch = start_epoch
     last_eval_s = elapsed
-    while epoch < cfg.epochs and progress_of() < 1.0:
-        epoch_seed = cfg.seed * 100_003 + epoch
-        dataset.set_epoch(epoch)
-        generator = torch.Generator().manual_seed(epoch_seed)
-        # Workers are forked per epoch so they see this epoch's augmentation seed.
-        loader_opts: dict[str, Any] = {"batch_size": cfg.batch_size, "drop_last": True, "num_workers": cfg.workers,
-                                       "pin_memory": device.type == "cuda"}
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-            loader = DataLoader(dataset, sampler=sampler, **loader_opts)
-        else:
-            loader = DataLoader(dataset, shuffle=True, generator=generator, **loader_opts)
-        model.train()
-        sums: dict[str, float] = {}
-        n_batches = 0
-        t_epoch = time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", disable=not progress, mininterval=5.0)
-        # The budget counts the waits for data too: on a GPU the loader, not the step, can be the bottleneck.
-        t0 = time.perf_counter()
-        for batch in bar:
-            lr = lr_at(progress_of(), step, cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            batch = _collate_to(batch, device, channels_last=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                out = model(batch["image"])
-            # Loss terms stay on the device until the epoch ends: a GPU is not stalled by per-step syncs.
-            loss, terms = hovernet_loss(out, batch, weights, tp_class_weights=class_weights, as_floats=False)
-            if teacher is not None:
-                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    teacher_out = teacher(batch["image"])
-                kd, kd_terms = distillation_loss(out, teacher_out, cfg.distill_temperature)
-                loss = (1.0 - cfg.distill_weight) * loss + cfg.distill_weight * kd
-                terms.update(kd_terms)
-                terms["total"] = loss.detach()
-            if cfg.bn_l1 > 0:
-                penalty = bn_l1_penalty(model)
-                loss = loss + cfg.bn_l1 * penalty
-                terms["bn_l1"] = penalty.detach()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            if step_hook is not None:
-                step_hook(model)
-            step += 1
-            n_batches += 1
-            for key, value in terms.items():
-                sums[key] = sums[key] + value if key in sums else value
-            now = time.perf_counter()
-            elapsed += now - t0
-            t0 = now
-            if progress and n_batches % 10 == 1:
-                bar.set_postfix(loss=f"{float(terms['total']):.3f}", lr=f"{lr:.2e}")
-            if progress_of() >= 1.0:
-                break
-        bar.close()
-        epoch += 1
-        row: dict[str, Any] = {
-            "epoch": epoch,
-            "step": step,
-            "train_minutes": round(elapsed / 60.0, 2),
-            "epoch_seconds": round(time.perf_counter() - t_epoch, 1),
-            "lr": lr_at(progress_of(), step, cfg),
-            "train": {k: round(float(v) / max(n_batches, 1), 5) for k, v in sums.items()},
-            "bf16": use_bf16,
-        }
-        last_epoch = epoch >= cfg.epochs or progress_of() >= 1.0
-        if cfg.eval_every_minutes:
-            due = elapsed - last_eval_s >= cfg.eval_every_minutes * 60.0
-        else:
-            due = epoch % cfg.eval_every == 0
-        if dev_samples and (due or last_epoch):
-            last_eval_s = elapsed
-            model.eval()
-            scores = evaluate_samples(
-                model, dev_samples, InferenceConfig(batch_size=8, bf16=use_bf16, device=cfg.device), PostprocConfig()
-            )
-            dev = {k: v for k, v in scores.items() if k != "images"}
-            row["dev"] = dev
-            metric = dev.get(cfg.select_metric)
-            if metric is None or not isinstance(metric, int | float):
-                raise ConfigError(None, f"select_metric {cfg.select_metric!r} is not a dev metric",
-                                  f"choose one of {sorted(k for k, v in dev.items() if isinstance(v, float))}")
-            if metric > best:
-                best, best_epoch = float(metric), epoch
-                row["best"] = True
-                if on_best is not None:
-                    on_best(model, {**dev, "epoch": epoch, "train_minutes": row["train_minutes"]})
+    # Time the process spends stopped (kill -STOP, Ctrl-Z) is not budget: see BudgetClock.
+    with BudgetClock() as clock:
+        while epoch < cfg.epochs and progress_of() < 1.0:
+            epoch_seed = cfg.seed * 100_003 + epoch
+            dataset.set_epoch(epoch)
+            generator = torch.Generator().manual_seed(epoch_seed)
+            # Workers are forked per epoch so they see this epoch's augmentation seed.
+            loader_opts: dict[str, Any] = {"batch_size": cfg.batch_size, "drop_last": True, "num_workers": cfg.workers,
+                                           "pin_memory": device.type == "cuda"}
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+                loader = DataLoader(dataset, sampler=sampler, **loader_opts)
+            else:
+                loader = DataLoader(dataset, shuffle=True, generator=generator, **loader_opts)
             model.train()
-        history.append(row)
-        log.info("epoch %d: %s", epoch, json.dumps(row))
-        _save_checkpoint(
-            ckpt_path,
-            {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
+            sums: dict[str, float] = {}
+            n_batches = 0
+            t_epoch = time.perf_counter()
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", disable=not progress, mininterval=5.0)
+            # The budget counts the waits for data too: on a GPU the loader, not the step, can be the bottleneck.
+            clock.restart()
+            for batch in bar:
+                lr = lr_at(progress_of(), step, cfg)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                batch = _collate_to(batch, device, channels_last=True)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    out = model(batch["image"])
+                # Loss terms stay on the device until the epoch ends: a GPU is not stalled by per-step syncs.
+                loss, terms = hovernet_loss(out, batch, weights, tp_class_weights=class_weights, as_floats=False)
+                if teacher is not None:
+                    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                        teacher_out = teacher(batch["image"])
+                    kd, kd_terms = distillation_loss(out, teacher_out, cfg.distill_temperature)
+                    loss = (1.0 - cfg.distill_weight) * loss + cfg.distill_weight * kd
+                    terms.update(kd_terms)
+                    terms["total"] = loss.detach()
+                if cfg.bn_l1 > 0:
+                    penalty = bn_l1_penalty(model)
+                    loss = loss + cfg.bn_l1 * penalty
+                    terms["bn_l1"] = penalty.detach()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                if step_hook is not None:
+                    step_hook(model)
+                step += 1
+                n_batches += 1
+                for key, value in terms.items():
+                    sums[key] = sums[key] + value if key in sums else value
+                elapsed += clock.step()
+                if progress and n_batches % 10 == 1:
+                    bar.set_postfix(loss=f"{float(terms['total']):.3f}", lr=f"{lr:.2e}")
+                if progress_of() >= 1.0:
+                    break
+            bar.close()
+            epoch += 1
+            row: dict[str, Any] = {
                 "epoch": epoch,
                 "step": step,
-                "elapsed_s": elapsed,
-                "best": best,
-                "best_epoch": best_epoch,
-                "history": json.dumps(history),
-                "config": cfg.model_dump_json(),
-                "teacher": teacher_id,
-            },
-        )
-        (workdir / HISTORY_NAME).write_text(json.dumps(history, indent=1))
+                "train_minutes": round(elapsed / 60.0, 2),
+                "epoch_seconds": round(time.perf_counter() - t_epoch, 1),
+                "lr": lr_at(progress_of(), step, cfg),
+                "train": {k: round(float(v) / max(n_batches, 1), 5) for k, v in sums.items()},
+                "bf16": use_bf16,
+            }
+            last_epoch = epoch >= cfg.epochs or progress_of() >= 1.0
+            if cfg.eval_every_minutes:
+                due = elapsed - last_eval_s >= cfg.eval_every_minutes * 60.0
+            else:
+                due = epoch % cfg.eval_every == 0
+            if dev_samples and (due or last_epoch):
+                last_eval_s = elapsed
+                model.eval()
+                infer_cfg = InferenceConfig(batch_size=8, bf16=use_bf16, device=cfg.device)
+                scores = evaluate_samples(model, dev_samples, infer_cfg, PostprocConfig())
+                dev = {k: v for k, v in scores.items() if k != "images"}
+                row["dev"] = dev
+                metric = dev.get(cfg.select_metric)
+                if metric is None or not isinstance(metric, int | float):
+                    raise ConfigError(None, f"select_metric {cfg.select_metric!r} is not a dev metric",
+                                      f"choose one of {sorted(k for k, v in dev.items() if isinstance(v, float))}")
+                if metric > best:
+                    best, best_epoch = float(metric), epoch
+                    row["best"] = True
+                    if on_best is not None:
+                        on_best(model, {**dev, "epoch": epoch, "train_minutes": row["train_minutes"]})
+                model.train()
+            history.append(row)
+            log.info("epoch %d: %s", epoch, json.dumps(row))
+            _save_checkpoint(
+                ckpt_path,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "epoch": epoch,
+                    "step": step,
+                    "elapsed_s": elapsed,
+                    "best": best,
+                    "best_epoch": best_epoch,
+                    "history": json.dumps(history),
+                    "config": cfg.model_dump_json(),
+                    "teacher": teacher_id,
+                },
+            )
+            (workdir / HISTORY_NAME).write_text(json.dumps(history, indent=1))
     model.eval()
     return FitResult(best, best_epoch, epoch - start_epoch, elapsed / 60.0, history)
 
