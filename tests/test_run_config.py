@@ -44,6 +44,7 @@ def test_every_option_has_a_flag_of_its_name() -> None:
         "window": "1024",
         "workers": "3",
         "threads_per_worker": "2",
+        "engine_streams": "2",
         "scheduler": "tcp://127.0.0.1:8786",
         "cluster": "slurm",
         "mpp": "0.5",

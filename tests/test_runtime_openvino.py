@@ -73,6 +73,22 @@ def test_openvino_bf16_within_the_bf16_tolerance(model_factory, he_crop, referen
     assert not TOLERANCE_BF16.violations(diff), diff
 
 
+@pytest.mark.parametrize("bf16", [False, True], ids=["f32", "bf16"])
+def test_two_streams_compute_what_one_stream_computes(model_factory, he_crop, reference, ov_cache, bf16):
+    """Streams only change which core runs a window: the maps stay within the precision's
+    tolerance of torch, and every window of the tile is placed where it belongs (a window
+    mixed up between the async requests would move nuclei by hundreds of pixels)."""
+    tolerance = TOLERANCE_BF16 if bf16 else TOLERANCE_FP32
+    one = TileInferer(model_factory(), InferenceConfig(runtime="openvino", bf16=bf16, window=256, threads=2))
+    two = TileInferer(model_factory(), InferenceConfig(runtime="openvino", bf16=bf16, window=256, threads=2,
+                                                       streams=2, batch_size=3))
+    assert two.runtime.streams == 2 and one.runtime.streams == 1
+    a, b = one.infer(he_crop), two.infer(he_crop)
+    assert a.windows_run == b.windows_run > 2
+    assert not tolerance.violations(compare_maps(reference, b)), compare_maps(reference, b)
+    assert not tolerance.violations(compare_maps(a, b)), compare_maps(a, b)
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_a_corrupt_conversion_cache_is_rebuilt_not_fatal(model_factory, he_crop, reference, ov_cache, damage, caplog):
     TileInferer(model_factory(), InferenceConfig(runtime="openvino", window=256))

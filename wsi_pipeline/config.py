@@ -155,6 +155,10 @@ class RunConfig(BaseModel):
         True,
         description="leave out network windows farther than 25 µm from the detected tissue (false: compute them all)",
     )
+    engine_streams: int | None = Field(
+        None, ge=1, le=256,
+        description="OpenVINO windows in flight at once per worker, sharing its engine threads (default 1)",
+    )
     workers: int | None = Field(None, ge=1, le=4096, description="Dask workers (default: sized to the machine)")
     threads_per_worker: int | None = Field(None, ge=1, le=1024, description="threads per Dask worker")
     scheduler: str | None = Field(None, description="address of an existing Dask scheduler")

@@ -80,11 +80,13 @@ def uses_gpu(config: RunConfig) -> bool:
 @dataclass(frozen=True)
 class Layout:
     """Dask workers (processes) and threads in each; ``torch_threads`` is the intra-op
-    thread count each task sets, so threads x torch_threads never oversubscribes cores."""
+    thread count each task sets, so threads x torch_threads never oversubscribes cores;
+    ``engine_streams`` the OpenVINO windows a worker computes at once on those threads."""
 
     workers: int
     threads_per_worker: int
     torch_threads: int = 1
+    engine_streams: int = 1
 
     @property
     def total_threads(self) -> int:
@@ -111,7 +113,8 @@ def local_layout(config: RunConfig, cpus: int | None = None) -> Layout:
     """The LocalCluster layout for ``config`` on a machine with ``cpus`` cores.
 
     Without a choice from the user: with OpenVINO one worker process with a task thread
-    per core, each inference using every core; with torch one worker process per core,
+    per core, each inference using every core (``--engine-streams N`` splits them into N
+    OpenVINO streams instead); with torch one worker process per core,
     one thread each (see the module docstring for the measurements). Given only
     ``--workers``, the cores are split between them; given only ``--threads-per-worker``,
     as many workers as fit. torch gets the cores left to each task.
@@ -357,6 +360,7 @@ class RunCluster:
     dashboard: str | None = None
     device: str | None = None
     resources: dict[str, float] | None = None
+    engine_streams: int = 1
 
 
 def visible_gpus(device: str, count: int, environ: dict[str, str] | None = None) -> list[str]:
@@ -499,6 +503,7 @@ def open_client(config: RunConfig, gpus: list[str] | None = None) -> Iterator[Ru
             client.close()
         return
     device, resources = None, ({GPU_RESOURCE: 1} if uses_gpu(config) else None)
+    streams = 1
     if config.cluster != "local":
         cluster, description = _start_jobqueue(config)
         torch_threads = 1
@@ -525,10 +530,11 @@ def open_client(config: RunConfig, gpus: list[str] | None = None) -> Iterator[Ru
             dashboard_address=_dashboard_address(),
             silence_logs=logging.ERROR,
         )
-        torch_threads = layout.torch_threads
+        torch_threads, streams = layout.torch_threads, config.engine_streams or layout.engine_streams
         description = (
             f"local cluster: {layout.workers} worker(s) x {layout.threads_per_worker} thread(s), "
             f"{layout.torch_threads} torch thread(s) per task"
+            + (f" shared by {streams} OpenVINO streams" if streams > 1 and uses_openvino(config) else "")
         )
     try:
         client = Client(cluster)
@@ -536,7 +542,8 @@ def open_client(config: RunConfig, gpus: list[str] | None = None) -> Iterator[Ru
             if config.cluster != "local":
                 _wait_for_jobqueue(client, cluster, config.cluster)
             dashboard = client.dashboard_link if _dashboard_address() else None
-            yield RunCluster(client, torch_threads, description, dashboard, device=device, resources=resources)
+            yield RunCluster(client, torch_threads, description, dashboard, device=device, resources=resources,
+                             engine_streams=streams)
         finally:
             client.close()
     finally:

@@ -211,7 +211,7 @@ def process_slide(
     density = NucleiDensity(width0, height0, mpp0, len(model.classes) + 1)
     qc = NucleiQC(model.classes)
     stitcher = Stitcher(tiles, store, [geojson, table, store, density, qc], job.name, model.checksum)
-    infer = inference_config(config, run.cluster.torch_threads, run.cluster.device)
+    infer = inference_config(config, run.cluster.torch_threads, run.cluster.device, run.cluster.engine_streams)
     saved = checkpoint.bind(tiles) if checkpoint is not None else set()
     tasks = (
         TileTask(

@@ -75,14 +75,17 @@ def default_tile_size() -> int:
     return max(1, round(DEFAULT_TILE_PX / ALIGN)) * ALIGN
 
 
-def inference_config(config: RunConfig, torch_threads: int | None, device: str | None = None) -> InferenceConfig:
+def inference_config(
+    config: RunConfig, torch_threads: int | None, device: str | None = None, streams: int | None = None
+) -> InferenceConfig:
     """How the workers run the network for these options (one place for run and benchmarks).
 
     ``device``: the device the workers see when it differs from ``--device`` (a local GPU
-    worker sees only its own GPU, as ``cuda``)."""
+    worker sees only its own GPU, as ``cuda``). ``streams``: the cluster's OpenVINO streams
+    per worker (:attr:`~wsi_pipeline.schedule.RunCluster.engine_streams`); ``--engine-streams`` wins."""
     return InferenceConfig(
         device=device or config.device, threads=torch_threads, batch_size=config.batch_size, bf16=config.bf16,
-        runtime=config.runtime, window=config.window,
+        runtime=config.runtime, window=config.window, streams=config.engine_streams or streams or 1,
     )
 
 

@@ -337,9 +337,8 @@ def run_batch(
         with open_client(config) as cluster, performance_report(config.dask_report):
             threads = cluster_threads(cluster.client)
             startup = {"model": model_seconds, "cluster": time.perf_counter() - cluster_started}
-            warming = warm_workers(
-                cluster, str(model.path), inference_config(config, cluster.torch_threads, cluster.device)
-            )
+            infer = inference_config(config, cluster.torch_threads, cluster.device, cluster.engine_streams)
+            warming = warm_workers(cluster, str(model.path), infer)
             max_in_flight = config.max_in_flight or 2 * threads
             run = SlideRun(
                 config=config,

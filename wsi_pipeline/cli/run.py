@@ -81,6 +81,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     dask.add_argument("--workers", type=int, metavar="N", help="local workers (default: one per core)")
     dask.add_argument("--threads-per-worker", type=int, metavar="N", help="threads per local worker (1)")
     dask.add_argument(
+        "--engine-streams", type=int, metavar="N",
+        help="OpenVINO windows computed at once per worker, each on a share of its cores (1: each window on "
+        "every core)",
+    )
+    dask.add_argument(
         "--scheduler",
         metavar="ADDR",
         help=f"use an existing Dask scheduler, e.g. tcp://host:8786 (or ${SCHEDULER_ENV})",

@@ -102,6 +102,8 @@ class InferenceConfig:
     ``window``: the network's input side for whole-tile inference; ``None`` takes
     :data:`DEFAULT_WINDOW` for models that accept any size (HoVer-Net), the model's own
     input size otherwise. ``batch_size`` counts windows per runtime call.
+    ``streams``: OpenVINO windows in flight at once, sharing the ``threads`` (see
+    :class:`~wsi_pipeline.engine.runtime.OpenVINORuntime`); torch ignores it.
     """
 
     device: str = "cpu"
@@ -112,6 +114,7 @@ class InferenceConfig:
     channels_last: bool = True
     runtime: Literal["auto", "torch", "openvino"] = "torch"
     window: int | None = None
+    streams: int = 1
 
     def __post_init__(self) -> None:
         torch_device(self.device, require_available=False)
@@ -125,6 +128,8 @@ class InferenceConfig:
             raise ConfigError(
                 None, f"batch_size={self.batch_size!r} must be a positive integer", "give e.g. batch_size=4"
             )
+        if isinstance(self.streams, bool) or not isinstance(self.streams, int) or self.streams < 1:
+            raise ConfigError(None, f"streams={self.streams!r} must be a positive integer", "give e.g. streams=2")
         if self.bf16 not in (True, False, "auto"):
             raise ConfigError(None, f"bf16={self.bf16!r} is not one of True, False, 'auto'", "use bf16='auto'")
         for name in ("compile", "channels_last"):
@@ -464,6 +469,7 @@ class TileInferer:
             compile=self.config.compile,
             batch_size=self.config.batch_size,
             label=label,
+            streams=self.config.streams,
         )
 
     # ------------------------------------------------------------------ geometry

@@ -204,7 +204,16 @@ class OpenVINORuntime:
     knob, ``--threads``/the worker layout, governs both runtimes).
 
     One compiled model may be called from several Dask task threads at once: each thread
-    gets its own infer request (requests are not thread-safe, compiled models are).
+    gets its own infer requests (requests are not thread-safe, compiled models are).
+
+    ``streams``: windows OpenVINO computes at once, each on ``threads / streams`` cores
+    (``NUM_STREAMS`` with the THROUGHPUT hint). With one stream every inference spans all
+    cores, and a task thread post-processing beside it stalls it: its threads meet at
+    every layer and one of them has lost its core (measured on the shared 2-core machine:
+    12 windows in 5.0 s alone, 10.1 s beside post-processing). With one stream per core
+    each window runs on one core without waiting for the other, a tile's windows are
+    spread over the streams while no other tile infers, and a second task thread's windows
+    or post-processing take a core each (``benchmarks/engine_streams.py``).
     """
 
     name = "openvino"
@@ -216,12 +225,16 @@ class OpenVINORuntime:
         precision: Literal["bf16", "f32"] = "f32",
         threads: int | None = None,
         label: str | None = None,
+        streams: int = 1,
     ) -> None:
         import openvino as ov
 
         self._ov = ov
         self.precision = precision
         self.threads = threads if threads is not None else torch.get_num_threads()
+        if isinstance(streams, bool) or not isinstance(streams, int) or streams < 1:
+            raise ConfigError(None, f"streams={streams!r} must be a positive integer", "give e.g. streams=2")
+        self.streams = min(streams, self.threads)
         self.label = label or type(model).__name__
         self.with_types = getattr(model, "num_types", None) is not None
         self.core = ov.Core()
@@ -238,7 +251,7 @@ class OpenVINORuntime:
         # Infer requests per (thread, shape), created before the compiled models they belong to
         # so that they are also destroyed first (a request outliving its compiled model can
         # crash the process when the garbage collector frees them in the other order).
-        self._requests: dict[tuple[int, tuple[int, ...]], Any] = {}
+        self._requests: dict[tuple[int, tuple[int, ...], int], Any] = {}
         self._model = self._converted(model)
         self._lock = threading.Lock()
         self._compiled: OrderedDict[tuple[int, ...], Any] = OrderedDict()
@@ -345,8 +358,8 @@ class OpenVINORuntime:
                         CACHE_ENV)
 
     # -------------------------------------------------------------- compile per shape
-    def _request(self, shape: tuple[int, ...]) -> Any:
-        key = (threading.get_ident(), shape)
+    def _request(self, shape: tuple[int, ...], slot: int = 0) -> Any:
+        key = (threading.get_ident(), shape, slot)
         request = self._requests.get(key)
         if request is None:
             request = self._executable(shape).create_infer_request()
@@ -384,8 +397,8 @@ class OpenVINORuntime:
             config = {
                 "INFERENCE_PRECISION_HINT": self.precision,
                 "INFERENCE_NUM_THREADS": int(self.threads),
-                "PERFORMANCE_HINT": "LATENCY",
-                "NUM_STREAMS": 1,
+                "PERFORMANCE_HINT": "THROUGHPUT" if self.streams > 1 else "LATENCY",
+                "NUM_STREAMS": int(self.streams),
             }
             compiled = self.core.compile_model(model, "CPU", config)
             self.compile_seconds += time.perf_counter() - start
@@ -397,22 +410,40 @@ class OpenVINORuntime:
             return compiled
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        # One window per call: on the CPU a batch of large windows is no faster than the
+        # One window per request: on the CPU a batch of large windows is no faster than the
         # same windows in turn, and a fixed batch of 1 means one compiled executable per
         # window shape instead of one per (batch size, shape).
         batch = np.ascontiguousarray(batch, dtype=np.uint8)
-        request = self._request((1, *batch.shape[1:]))
+        shape = (1, *batch.shape[1:])
         names = ("np_prob", "hv", "tp_prob") if self.with_types else ("np_prob", "hv")
         parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
-        for i in range(batch.shape[0]):
-            # One inference at a time per process: each already uses every engine thread, so
-            # nothing is lost, and pyopenvino is never entered by two task threads at once (two
-            # Dask threads' concurrent first inferences once deadlocked in it). Post-processing
-            # of other tiles goes on meanwhile.
-            with _INFER:
-                request.infer({0: batch[i : i + 1]})
-                for j, name in enumerate(names):
-                    parts[name].append(np.array(request.get_output_tensor(j).data, dtype=np.float32))
+
+        def collect(request: Any) -> None:
+            for j, name in enumerate(names):
+                parts[name].append(np.array(request.get_output_tensor(j).data, dtype=np.float32))
+
+        if self.streams == 1:
+            request = self._request(shape)
+            for i in range(batch.shape[0]):
+                # One inference at a time per process: each already uses every engine thread, so
+                # nothing is lost, and pyopenvino is never entered by two task threads at once (two
+                # Dask threads' concurrent first inferences once deadlocked in it). Post-processing
+                # of other tiles goes on meanwhile.
+                with _INFER:
+                    request.infer({0: batch[i : i + 1]})
+                    collect(request)
+        else:
+            # Up to `streams` windows of this thread in flight at once; OpenVINO queues them
+            # with other threads' windows on its streams. start_async and wait release the GIL.
+            requests = [self._request(shape, slot) for slot in range(self.streams)]
+            for first in range(0, batch.shape[0], self.streams):
+                group = requests[: min(self.streams, batch.shape[0] - first)]
+                for k, request in enumerate(group):
+                    request.start_async({0: batch[first + k : first + k + 1]})
+                for request in group:
+                    request.wait()
+                for request in group:
+                    collect(request)
         return {name: np.concatenate(chunks) for name, chunks in parts.items()}
 
 
@@ -427,6 +458,7 @@ def make_runtime(
     compile: bool = False,
     batch_size: int = 1,
     label: str | None = None,
+    streams: int = 1,
 ) -> Runtime:
     """The runtime for ``model``: ``torch``, ``openvino``, or ``auto`` (OpenVINO on the CPU
     where installed and able to convert the model, torch otherwise).
@@ -446,7 +478,9 @@ def make_runtime(
                           "pip install openvino, or use --runtime torch")
     if want_openvino:
         try:
-            return OpenVINORuntime(model, precision="bf16" if bf16 else "f32", threads=threads, label=label)
+            return OpenVINORuntime(
+                model, precision="bf16" if bf16 else "f32", threads=threads, label=label, streams=streams
+            )
         except Exception as exc:  # conversion can fail on any unusual module
             what = label or type(model).__name__
             warnings.warn(
