@@ -208,12 +208,13 @@ class OpenVINORuntime:
 
     ``streams``: windows OpenVINO computes at once, each on ``threads / streams`` cores
     (``NUM_STREAMS`` with the THROUGHPUT hint). With one stream every inference spans all
-    cores, and a task thread post-processing beside it stalls it: its threads meet at
-    every layer and one of them has lost its core (measured on the shared 2-core machine:
-    12 windows in 5.0 s alone, 10.1 s beside post-processing). With one stream per core
+    cores, and a task thread post-processing beside it can stall it: its threads meet at
+    every layer, and one of them may have lost its core. With one stream per core
     each window runs on one core without waiting for the other, a tile's windows are
     spread over the streams while no other tile infers, and a second task thread's windows
-    or post-processing take a core each (``benchmarks/engine_streams.py``).
+    or post-processing take a core each. ``benchmarks/engine_streams.py`` times both, alone
+    and beside post-processing; the default stays one stream until an end-to-end side-by-side
+    run says otherwise (``--engine-streams``).
     """
 
     name = "openvino"
