@@ -29,14 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import save_json
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import save_json  # noqa: E402
-
-from wsi_pipeline.engine.postproc import postprocess  # noqa: E402
-from wsi_pipeline.engine.runtime import OpenVINORuntime  # noqa: E402
-from wsi_pipeline.engine.weights import load_model  # noqa: E402
-from wsi_pipeline.slide.opener import open_slide  # noqa: E402
+from wsi_pipeline.engine.postproc import postprocess
+from wsi_pipeline.engine.runtime import OpenVINORuntime
+from wsi_pipeline.engine.weights import load_model
+from wsi_pipeline.slide.opener import open_slide
 
 ROOT = Path(__file__).resolve().parent.parent
 
