@@ -108,7 +108,7 @@ def measure(slide: Path, model: str, out: Path, config_options: dict[str, Any]) 
     core_megapixels = sum(t.core.width * t.core.height for t in tiles) / 1e6
     with open_client(config) as cluster:
         threads = cluster_threads(cluster.client)
-        infer = inference_config(config, cluster.torch_threads)
+        infer = inference_config(config, cluster.torch_threads, streams=cluster.engine_streams)
         tasks = [
             TileTask(spec, tile, str(info.path), info.mpp, infer, info.postproc,
                      tissue.crop(*tile.read_level0.as_list()) if config.skip_glass else None)

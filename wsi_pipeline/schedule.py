@@ -498,12 +498,13 @@ def open_client(config: RunConfig, gpus: list[str] | None = None) -> Iterator[Ru
             ) from None
         try:
             resources = _scheduler_resources(client, config)
-            yield RunCluster(client, 1, f"scheduler {config.scheduler}", client.dashboard_link, resources=resources)
+            yield RunCluster(client, 1, f"scheduler {config.scheduler}", client.dashboard_link, resources=resources,
+                             engine_streams=config.engine_streams or 1)
         finally:
             client.close()
         return
     device, resources = None, ({GPU_RESOURCE: 1} if uses_gpu(config) else None)
-    streams = 1
+    streams = config.engine_streams or 1
     if config.cluster != "local":
         cluster, description = _start_jobqueue(config)
         torch_threads = 1

@@ -82,10 +82,11 @@ def inference_config(
 
     ``device``: the device the workers see when it differs from ``--device`` (a local GPU
     worker sees only its own GPU, as ``cuda``). ``streams``: the cluster's OpenVINO streams
-    per worker (:attr:`~wsi_pipeline.schedule.RunCluster.engine_streams`); ``--engine-streams`` wins."""
+    per worker (:attr:`~wsi_pipeline.schedule.RunCluster.engine_streams`, which resolves
+    ``--engine-streams``)."""
     return InferenceConfig(
         device=device or config.device, threads=torch_threads, batch_size=config.batch_size, bf16=config.bf16,
-        runtime=config.runtime, window=config.window, streams=config.engine_streams or streams or 1,
+        runtime=config.runtime, window=config.window, streams=streams or 1,
     )
 
 
