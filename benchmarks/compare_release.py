@@ -12,6 +12,12 @@ so both use the same libraries and only the code differs.
 
     .venv/bin/python benchmarks/compare_release.py --json benchmarks/results/compare_release.json
     .venv/bin/python benchmarks/compare_release.py --rev e196f60 --rounds 3 --model models/X.safetensors
+
+Two option sets of this checkout side by side (``--prev`` at this checkout, the other side's
+options in ``--previous-options``):
+
+    .venv/bin/python benchmarks/compare_release.py --prev . --previous-options "--engine-streams 1" \
+        --rounds 2 --json benchmarks/results/engine_streams_e2e.json
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -73,11 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slides", nargs="+", type=Path, default=SAMPLES)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="one model file for both sides")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--previous-options", default="", help="more `run` options for the previous side (one string)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more `run` options for this checkout")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     prev = ensure_worktree(args.prev.resolve(), args.rev)
-    sides = {"previous": (prev, []), "this": (REPO, list(args.extra))}
+    sides = {"previous": (prev, shlex.split(args.previous_options)), "this": (REPO, list(args.extra))}
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for slide in args.slides:
@@ -110,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "benchmark": "compare_release",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "previous": args.rev,
+        "previous": args.rev if prev != REPO else "this checkout",
+        "previous_options": args.previous_options,
+        "extra": list(args.extra),
         "this": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                                text=True).stdout.strip(),
         "model": str(args.model),

@@ -46,13 +46,13 @@ def test_default_layout_is_one_single_threaded_worker_per_core_with_torch() -> N
     assert local_layout(RunConfig(runtime="torch"), cpus=16) == Layout(16, 1, 1)
 
 
-def test_default_layout_with_openvino_is_one_worker_with_a_thread_per_core() -> None:
+def test_default_layout_with_openvino_is_one_worker_with_a_thread_and_a_stream_per_core() -> None:
     from wsi_pipeline.engine.runtime import openvino_available
 
     if not openvino_available():  # found, not imported: this process stays free of the library
         pytest.skip("OpenVINO is not installed")
-    assert local_layout(RunConfig(), cpus=2) == Layout(1, 2, 2)  # runtime auto: OpenVINO here
-    assert local_layout(RunConfig(runtime="openvino"), cpus=16) == Layout(1, 16, 16)
+    assert local_layout(RunConfig(), cpus=2) == Layout(1, 2, 2, 2)  # runtime auto: OpenVINO here
+    assert local_layout(RunConfig(runtime="openvino"), cpus=16) == Layout(1, 16, 16, 16)
     assert local_layout(RunConfig(runtime="auto", device="cuda"), cpus=2) == Layout(2, 1, 1)  # GPUs: torch
     assert local_layout(RunConfig(workers=2), cpus=2) == Layout(2, 1, 1)  # the user's choice wins
 

@@ -173,3 +173,45 @@ def test_workers_and_a_time_based_evaluation_cadence(tmp_path: Path) -> None:
     cfg_epochs = cfg.model_copy(update={"eval_every_minutes": None, "workers": 0})
     result = fit(_tiny_model(), samples, samples[:1], cfg_epochs, tmp_path / "b", progress=False)
     assert ["dev" in row for row in result.history] == [False, True]  # only the last epoch
+
+
+def test_a_weight_average_is_what_is_evaluated_saved_and_resumed(tmp_path: Path) -> None:
+    """With ema_decay the run's result is the exponential average of the weights after each step,
+    continued across a resume; without it the result is the last weights."""
+    samples = [_disc_sample("a"), _disc_sample("b"), _disc_sample("c"), _disc_sample("d")]
+    decay = 0.6
+    cfg = TrainConfig(epochs=1, batch_size=2, warmup_steps=0, threads=1, bf16=False, augment=False,
+                      balance_rare_classes=False, crops_per_large_image=1, ema_decay=decay, lr=1e-2)
+    after_steps: list[dict[str, torch.Tensor]] = []
+
+    def record(m: torch.nn.Module) -> None:
+        after_steps.append({k: v.detach().clone() for k, v in m.named_parameters()})
+
+    judged: list[dict[str, torch.Tensor]] = []
+
+    def on_best(m: torch.nn.Module, _dev: dict) -> None:
+        judged.append({k: v.detach().clone() for k, v in m.named_parameters()})
+
+    model = _tiny_model()
+    fit(model, samples, samples[:1], cfg, tmp_path, step_hook=record, on_best=on_best, progress=False)
+    fit(model, samples, samples[:1], cfg.model_copy(update={"epochs": 2}), tmp_path, step_hook=record,
+        resume=True, progress=False)
+    assert len(after_steps) == 4
+    expected = dict(after_steps[0])
+    for weights in after_steps[1:]:
+        expected = {k: decay * expected[k] + (1 - decay) * weights[k] for k in expected}
+    for name, value in model.named_parameters():
+        torch.testing.assert_close(value.detach(), expected[name], rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(value.detach(), after_steps[-1][name]) for name, value in model.named_parameters())
+    # what was evaluated and handed to on_best after epoch 1 was the average of its two steps
+    first = {k: decay * after_steps[0][k] + (1 - decay) * after_steps[1][k] for k in expected}
+    for name, value in judged[0].items():
+        torch.testing.assert_close(value, first[name], rtol=1e-5, atol=1e-6)
+    assert load_checkpoint(tmp_path / "last.pt")["ema"] is not None
+
+    plain = _tiny_model()
+    last: list[dict[str, torch.Tensor]] = []
+    fit(plain, samples, (), cfg.model_copy(update={"ema_decay": None}), tmp_path / "plain",
+        step_hook=lambda m: last.append({k: v.detach().clone() for k, v in m.named_parameters()}), progress=False)
+    for name, value in plain.named_parameters():
+        torch.testing.assert_close(value.detach(), last[-1][name])

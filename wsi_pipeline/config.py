@@ -157,7 +157,8 @@ class RunConfig(BaseModel):
     )
     engine_streams: int | None = Field(
         None, ge=1, le=256,
-        description="OpenVINO windows in flight at once per worker, sharing its engine threads (default 1)",
+        description="OpenVINO windows in flight at once per worker, sharing its engine threads "
+        "(default: one per core on a local OpenVINO cluster, else 1)",
     )
     workers: int | None = Field(None, ge=1, le=4096, description="Dask workers (default: sized to the machine)")
     threads_per_worker: int | None = Field(None, ge=1, le=1024, description="threads per Dask worker")

@@ -113,8 +113,8 @@ def local_layout(config: RunConfig, cpus: int | None = None) -> Layout:
     """The LocalCluster layout for ``config`` on a machine with ``cpus`` cores.
 
     Without a choice from the user: with OpenVINO one worker process with a task thread
-    per core, each inference using every core (``--engine-streams N`` splits them into N
-    OpenVINO streams instead); with torch one worker process per core,
+    per core and an OpenVINO stream per core (``--engine-streams 1``: each inference on
+    every core instead); with torch one worker process per core,
     one thread each (see the module docstring for the measurements). Given only
     ``--workers``, the cores are split between them; given only ``--threads-per-worker``,
     as many workers as fit. torch gets the cores left to each task.
@@ -122,7 +122,7 @@ def local_layout(config: RunConfig, cpus: int | None = None) -> Layout:
     cpus = machine_cpus() if cpus is None else cpus
     workers, threads = config.workers, config.threads_per_worker
     if workers is None and threads is None and uses_openvino(config):
-        return Layout(1, cpus, cpus)  # see the module docstring: one process, every core per inference
+        return Layout(1, cpus, cpus, cpus)  # see the module docstring: one process, a stream per core
     if workers is None and threads is None:
         workers, threads = cpus, 1
     elif workers is None:

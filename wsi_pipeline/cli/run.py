@@ -82,8 +82,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     dask.add_argument("--threads-per-worker", type=int, metavar="N", help="threads per local worker (1)")
     dask.add_argument(
         "--engine-streams", type=int, metavar="N",
-        help="OpenVINO windows computed at once per worker, each on a share of its cores (1: each window on "
-        "every core)",
+        help="OpenVINO windows computed at once per worker, each on a share of its cores (default on a local "
+        "cluster: one per core; 1: each window on every core)",
     )
     dask.add_argument(
         "--scheduler",

@@ -44,6 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="distil from this model's NP/HV/TP outputs (same classes and mode as the student)")
     p.add_argument("--distill-weight", type=float, help="share of the distillation loss, 0..1 (0.5)")
     p.add_argument("--distill-temperature", type=float, help="softening of the teacher's class maps (2)")
+    p.add_argument("--ema-decay", type=float,
+                   help="evaluate and save an exponential moving average of the weights (e.g. 0.998 per step)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs of background runs)")
     p.set_defaults(func=run)
 
@@ -54,7 +56,7 @@ def _load_config(args: argparse.Namespace) -> Any:
 
     overrides = {name: getattr(args, name) for name in
                  ("max_minutes", "epochs", "width", "batch_size", "threads", "bn_l1", "seed", "device", "workers",
-                  "distill_weight", "distill_temperature")}
+                  "distill_weight", "distill_temperature", "ema_decay")}
     return load_options(TrainConfig, args.config, overrides)
 
 
