@@ -46,7 +46,7 @@ from wsi_pipeline.batch.marker import (
 )
 from wsi_pipeline.batch.plan import ModelInfo, inference_config, resolved_config, zarr_chunk
 from wsi_pipeline.config import RunConfig
-from wsi_pipeline.engine.infer import DEFAULT_WINDOW, bf16_native_note
+from wsi_pipeline.engine.settings import DEFAULT_WINDOW
 from wsi_pipeline.errors import WsiPipelineError
 from wsi_pipeline.outputs.report import SlideReport
 from wsi_pipeline.schedule import RunCluster, TileBudget, stream_tiles
@@ -145,6 +145,8 @@ def engine_description(
     }
     if windows is not None:
         out["windows"] = {**windows, "skipped": int(windows.get("total", 0)) - int(windows.get("computed", 0))}
+    from wsi_pipeline.engine.infer import bf16_native_note  # torch: loaded by prepare_model by now
+
     note = bf16_native_note(config.bf16, config.device, used)
     if note:
         out["note"] = note

@@ -14,8 +14,8 @@ from typing import Any
 
 from wsi_pipeline.batch.marker import OUTPUT_FORMAT
 from wsi_pipeline.config import RunConfig, checksum, file_checksum
-from wsi_pipeline.engine.infer import InferenceConfig, resolve_window
 from wsi_pipeline.engine.postproc import PostprocConfig
+from wsi_pipeline.engine.settings import ALIGN, InferenceConfig
 from wsi_pipeline.slide import DEFAULT_MASK_MPP
 
 # Measured (`benchmarks/throughput.py --tile-sizes 992 1648 2304`, sample pyramid, default
@@ -70,8 +70,6 @@ def default_tile_size() -> int:
     small tiles repeat the margin's recomputation too often, large ones hold more memory
     per tile and leave workers idle at the end of a slide.
     """
-    from wsi_pipeline.engine.infer import ALIGN
-
     return max(1, round(DEFAULT_TILE_PX / ALIGN)) * ALIGN
 
 
@@ -90,22 +88,31 @@ def inference_config(
     )
 
 
+def check_device(config: RunConfig) -> None:
+    """``--device cuda`` on a machine without a GPU is a mistake of the whole run: refused
+    before any cluster starts. Only a GPU device imports torch here (the CPU needs no check);
+    on a scheduler or batch cluster the GPUs are on the workers, not beside the driver."""
+    if config.device != "cpu" and config.scheduler is None and config.cluster == "local":
+        from wsi_pipeline.engine.device import torch_device
+
+        torch_device(config.device)
+
+
 def prepare_model(config: RunConfig) -> ModelInfo:
     """Load the model once in the driver: its metadata, size and MACs for the reports, the
     tile margin it needs (``--margin`` or the worker's derived default) and the tile size.
 
-    The device is checked here too: ``--device cuda`` on a machine without a GPU is a
-    mistake of the whole run, refused before any cluster starts.
+    A damaged or foreign model file is refused here, once, with what to do, rather than by
+    every worker. :func:`~wsi_pipeline.batch.runner.run_batch` runs this while the cluster
+    starts (it imports torch, seconds that would otherwise add to every run).
     """
-    from wsi_pipeline.engine.device import torch_device
+    from wsi_pipeline.engine.infer import resolve_window
     from wsi_pipeline.engine.macs import count_params, model_macs
     from wsi_pipeline.engine.registry import resolve_model
     from wsi_pipeline.engine.weights import load_model, model_postproc
     from wsi_pipeline.worker import default_margin
 
-    if config.scheduler is None and config.cluster == "local":
-        # On a cluster the GPUs are on the workers, not necessarily beside the driver.
-        torch_device(config.device)
+    check_device(config)
     path = resolve_model(config.model)
     model = load_model(path)
     meta = dict(model.meta)

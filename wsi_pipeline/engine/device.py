@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from wsi_pipeline.engine.settings import check_device_name
 from wsi_pipeline.errors import ConfigError
 
 __all__ = ["torch_device"]
@@ -15,6 +16,7 @@ __all__ = ["torch_device"]
 
 def torch_device(name: str, *, require_available: bool = True) -> torch.device:
     """``torch.device(name)`` for cpu/cuda, or a :class:`ConfigError` saying what to pass instead."""
+    check_device_name(name)
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError) as exc:

@@ -60,7 +60,6 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -68,7 +67,8 @@ from torch import nn
 
 from wsi_pipeline.engine._malloc import keep_freed_memory
 from wsi_pipeline.engine.device import torch_device
-from wsi_pipeline.engine.runtime import RUNTIMES, Runtime, make_runtime
+from wsi_pipeline.engine.runtime import Runtime, make_runtime
+from wsi_pipeline.engine.settings import ALIGN, DEFAULT_WINDOW, InferenceConfig
 from wsi_pipeline.errors import ConfigError, ModelError
 
 __all__ = [
@@ -86,59 +86,6 @@ __all__ = [
     "bf16_supported",
     "compare_maps",
 ]
-
-
-@dataclass(frozen=True)
-class InferenceConfig:
-    """How the engine runs; every field only trades speed for rounding, never results.
-
-    ``bf16="auto"`` turns bf16 autocast on only where the hardware computes it natively
-    (CPU with AVX-512 BF16 or AMX, CUDA GPUs with bf16 tensor cores): elsewhere it is
-    emulated and slower than fp32. ``bf16=True`` forces it anyway (useful for testing).
-    ``threads`` sets ``torch.set_num_threads`` for the whole process, because that is the
-    only knob torch offers, and OpenVINO's thread count; ``None`` leaves torch's default.
-    ``runtime``: ``torch`` (the reference; the library default), ``openvino`` or ``auto``
-    (OpenVINO on the CPU where installed; what ``wsi-pipeline run`` uses).
-    ``window``: the network's input side for whole-tile inference; ``None`` takes
-    :data:`DEFAULT_WINDOW` for models that accept any size (HoVer-Net), the model's own
-    input size otherwise. ``batch_size`` counts windows per runtime call.
-    ``streams``: OpenVINO windows in flight at once, sharing the ``threads`` (see
-    :class:`~wsi_pipeline.engine.runtime.OpenVINORuntime`); torch ignores it.
-    """
-
-    device: str = "cpu"
-    threads: int | None = None
-    batch_size: int = 4
-    bf16: bool | Literal["auto"] = False
-    compile: bool = False
-    channels_last: bool = True
-    runtime: Literal["auto", "torch", "openvino"] = "torch"
-    window: int | None = None
-    streams: int = 1
-
-    def __post_init__(self) -> None:
-        torch_device(self.device, require_available=False)
-        if self.threads is not None and (
-            isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
-        ):
-            raise ConfigError(
-                None, f"threads={self.threads!r} must be a positive integer", "give e.g. threads=2 or None"
-            )
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ConfigError(
-                None, f"batch_size={self.batch_size!r} must be a positive integer", "give e.g. batch_size=4"
-            )
-        if isinstance(self.streams, bool) or not isinstance(self.streams, int) or self.streams < 1:
-            raise ConfigError(None, f"streams={self.streams!r} must be a positive integer", "give e.g. streams=2")
-        if self.bf16 not in (True, False, "auto"):
-            raise ConfigError(None, f"bf16={self.bf16!r} is not one of True, False, 'auto'", "use bf16='auto'")
-        for name in ("compile", "channels_last"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(None, f"{name}={getattr(self, name)!r} must be True or False")
-        if self.runtime not in RUNTIMES:
-            raise ConfigError(None, f"runtime={self.runtime!r} is not one of {', '.join(RUNTIMES)}", "use 'auto'")
-        if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int)):
-            raise ConfigError(None, f"window={self.window!r} must be an integer side in px", "give e.g. window=768")
 
 
 @dataclass
@@ -370,11 +317,6 @@ def _model_geometry(model: nn.Module) -> tuple[int, int, int | None]:
     return inp, out, (None if num_types is None else int(num_types))
 
 
-# The encoder's total stride: predictions depend on a pixel's phase on this grid.
-ALIGN = 8
-# Input side of the windows a tile is cut into, chosen by measurement
-# (benchmarks/engine_latency.py --sizes, results in benchmarks/results/engine_latency.json).
-DEFAULT_WINDOW = 768
 # Outermost output px of a window that its zero padding reaches (measured: 8 in fast mode).
 EDGE_REACH = 8
 

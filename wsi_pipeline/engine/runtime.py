@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from wsi_pipeline.engine.device import torch_device
+from wsi_pipeline.engine.settings import RUNTIMES
 from wsi_pipeline.errors import ConfigError, ModelError
 
 __all__ = [
@@ -60,7 +61,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 RuntimeName = Literal["auto", "torch", "openvino"]
-RUNTIMES: tuple[str, ...] = ("auto", "torch", "openvino")
 CACHE_ENV = "WSI_PIPELINE_CACHE"
 # Bump when the exported graph changes (inputs, outputs, pre/post-processing inside it):
 # older cache entries then no longer match and are rebuilt.
