@@ -29,7 +29,6 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,7 +40,7 @@ from wsi_pipeline.batch.inputs import SlideJob, gather_inputs, name_jobs
 from wsi_pipeline.batch.lock import out_folder_lock
 from wsi_pipeline.batch.marker import marker_owner, read_done_marker
 from wsi_pipeline.batch.one_slide import SlideOutcome, SlideRun, partial_dir, run_slide_job
-from wsi_pipeline.batch.plan import check_device, inference_config, prepare_model, settings_checksum
+from wsi_pipeline.batch.plan import inference_config, prepare_model, settings_checksum
 from wsi_pipeline.config import RunConfig
 from wsi_pipeline.errors import ConfigError, Interrupted
 from wsi_pipeline.outputs.report import write_batch_report
@@ -295,11 +294,6 @@ def run_slides(
         raise
 
 
-def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
-    began = time.perf_counter()
-    return fn(*args), time.perf_counter() - began
-
-
 def run_batch(
     inputs: Sequence[str | os.PathLike[str]],
     out: str | os.PathLike[str],
@@ -319,66 +313,59 @@ def run_batch(
     started = time.perf_counter()
     out = Path(out)
     entries = gather_inputs(inputs)  # bad inputs are refused before anything is created
-    check_device(config)
+    model_started = time.perf_counter()
+    model = prepare_model(config)
+    model_seconds = time.perf_counter() - model_started
+    prepare_out(out)
     outcomes: list[SlideOutcome] = []
-    # The driver's model check (its torch import is seconds) runs while the cluster starts.
-    with ThreadPoolExecutor(1, thread_name_prefix="wsi-model") as pool:
-        preparing = pool.submit(_timed, prepare_model, config)
+    with out_folder_lock(out, config.lock_wait):
+        for stale in remove_stale_partials(out):
+            log.info("removed %s, left by an interrupted run", stale)
+        jobs = name_jobs(entries, existing_owners(out))  # names depend on what the folder holds
+        previous = read_process_list(out)
+        run_checksum = settings_checksum(config, model)
+        process_list = out / PROCESS_LIST
+
+        def write_lists() -> Path:
+            rows = merge_rows(previous, outcomes)
+            write_process_list(out, rows)
+            this_run = {"started": run_started, "slides": [o.name for o in outcomes]}
+            return write_batch_report(out, [_report_row(row) for row in rows], last_run=this_run)
+
+        run_started = datetime.now(UTC).isoformat(timespec="seconds")
         cluster_started = time.perf_counter()
         with open_client(config) as cluster, performance_report(config.dask_report):
-            cluster_seconds = time.perf_counter() - cluster_started
-            waited = time.perf_counter()
-            model, model_seconds = preparing.result()  # a bad model stops the run here, before the out folder
-            # "model": what the run waited for it after the cluster was up (the rest overlapped)
-            startup = {"model": time.perf_counter() - waited, "cluster": cluster_seconds}
-            log.info("model %s checked in %.1f s, cluster up in %.1f s", model.name, model_seconds, cluster_seconds)
-            prepare_out(out)
-            with out_folder_lock(out, config.lock_wait):
-                for stale in remove_stale_partials(out):
-                    log.info("removed %s, left by an interrupted run", stale)
-                jobs = name_jobs(entries, existing_owners(out))  # names depend on what the folder holds
-                previous = read_process_list(out)
-                run_checksum = settings_checksum(config, model)
-                process_list = out / PROCESS_LIST
-                run_started = datetime.now(UTC).isoformat(timespec="seconds")
+            threads = cluster_threads(cluster.client)
+            startup = {"model": model_seconds, "cluster": time.perf_counter() - cluster_started}
+            infer = inference_config(config, cluster.torch_threads, cluster.device, cluster.engine_streams)
+            warming = warm_workers(cluster, str(model.path), infer)
+            max_in_flight = config.max_in_flight or 2 * threads
+            run = SlideRun(
+                config=config,
+                model=model,
+                cluster=cluster,
+                config_checksum=run_checksum,
+                max_in_flight=max_in_flight,
+                on_tile=on_tile,
+                startup=startup,
+                budget=TileBudget(max_in_flight),
+                warmup=warming,
+            )
+            log.info("%s (%d thread(s)); dashboard: %s", cluster.description, threads, cluster.dashboard or "off")
 
-                def write_lists() -> Path:
-                    rows = merge_rows(previous, outcomes)
-                    write_process_list(out, rows)
-                    this_run = {"started": run_started, "slides": [o.name for o in outcomes]}
-                    return write_batch_report(out, [_report_row(row) for row in rows], last_run=this_run)
+            def record(outcome: SlideOutcome) -> None:
+                outcome.finished = datetime.now(UTC).isoformat(timespec="seconds")
+                outcomes.append(outcome)
+                write_lists()
+                if on_slide is not None:
+                    on_slide(outcome)
 
-                threads = cluster_threads(cluster.client)
-                infer = inference_config(config, cluster.torch_threads, cluster.device, cluster.engine_streams)
-                warming = warm_workers(cluster, str(model.path), infer)
-                max_in_flight = config.max_in_flight or 2 * threads
-                run = SlideRun(
-                    config=config,
-                    model=model,
-                    cluster=cluster,
-                    config_checksum=run_checksum,
-                    max_in_flight=max_in_flight,
-                    on_tile=on_tile,
-                    startup=startup,
-                    budget=TileBudget(max_in_flight),
-                    warmup=warming,
-                )
-                log.info("%s (%d thread(s)); dashboard: %s", cluster.description, threads,
-                         cluster.dashboard or "off")
-
-                def record(outcome: SlideOutcome) -> None:
-                    outcome.finished = datetime.now(UTC).isoformat(timespec="seconds")
-                    outcomes.append(outcome)
-                    write_lists()
-                    if on_slide is not None:
-                        on_slide(outcome)
-
-                try:
-                    run_slides(jobs, run, out, config.slides_in_flight, record, on_start)
-                finally:
-                    batch_report = write_lists()
-                    del warming
-                description = cluster.description
+            try:
+                run_slides(jobs, run, out, config.slides_in_flight, record, on_start)
+            finally:
+                batch_report = write_lists()
+                del warming
+            description = cluster.description
     return BatchSummary(
         out=out,
         outcomes=outcomes,

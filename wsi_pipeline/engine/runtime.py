@@ -213,8 +213,8 @@ class OpenVINORuntime:
     each window runs on one core without waiting for the other, a tile's windows are
     spread over the streams while no other tile infers, and a second task thread's windows
     or post-processing take a core each. ``benchmarks/engine_streams.py`` times both, alone
-    and beside post-processing; the default stays one stream until an end-to-end side-by-side
-    run says otherwise (``--engine-streams``).
+    and beside post-processing; a local run's default is a stream per core, which an
+    end-to-end side-by-side run measured faster (docs/engine.md).
     """
 
     name = "openvino"
