@@ -19,8 +19,9 @@ default model, 1648 px tiles, two interleaved rounds each; ``benchmarks/results/
 
 * OpenVINO (the CPU default): **one worker process, one task thread per core, and an
   OpenVINO stream per core** (each window on one core; with one stream each inference
-  spans every core and a post-processing thread beside it stalls it: 0.88-0.90x the wall
-  time end to end, ``docs/engine.md``). The process layout, tiles/s, rounds 1 / 2:
+  spans every core and a post-processing thread beside it stalls it; end to end a stream
+  per core took 0.88-0.90x one stream's wall time, ``docs/engine.md``). The process
+  layout, tiles/s, rounds 1 / 2:
 
       layout (workers x threads, engine threads)   OpenVINO bf16
       1 x 2, engine 2                               0.413 / 0.368

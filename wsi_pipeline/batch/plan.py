@@ -103,8 +103,9 @@ def prepare_model(config: RunConfig) -> ModelInfo:
     tile margin it needs (``--margin`` or the worker's derived default) and the tile size.
 
     A damaged or foreign model file is refused here, once, with what to do, rather than by
-    every worker. :func:`~wsi_pipeline.batch.runner.run_batch` runs this while the cluster
-    starts (it imports torch, seconds that would otherwise add to every run).
+    every worker. This is the driver's one torch import; it runs before the cluster starts,
+    because overlapping the two was measured slower (the in-process scheduler and the import
+    share the GIL; docs/engine.md).
     """
     from wsi_pipeline.engine.infer import resolve_window
     from wsi_pipeline.engine.macs import count_params, model_macs

@@ -1,10 +1,10 @@
 """How the engine runs, as plain settings: what the driver builds and ships to the workers.
 
-Nothing here imports torch. The driver of a run only describes the inference (this module)
-and reads the model's metadata; torch is imported where the network runs, on the workers,
-and in the driver only by the model check it does while the cluster starts
-(:func:`wsi_pipeline.batch.runner.run_batch`). Importing torch costs seconds, which on a
-small slide is a visible share of the run.
+Nothing here imports torch. The driver of a run only describes the inference (this module);
+torch is imported where the network runs, on the workers, and in the driver only by its
+model check (:func:`wsi_pipeline.batch.plan.prepare_model`). Importing torch costs seconds,
+a visible share of a run on a small slide, so a driver that one day reads everything it
+needs from the checkpoint's metadata can leave it out entirely.
 """
 
 from __future__ import annotations
