@@ -406,9 +406,9 @@ def _ema_of(model: torch.nn.Module, decay: float | None) -> AveragedModel | None
 
 def _resume_ema(ema: AveragedModel | None, state: dict[str, Any], path: Path) -> None:
     """Restore the average a checkpoint holds; a run that gains EMA on resume starts it from the weights."""
-    saved = state.get("ema")
     if ema is None:
         return
+    saved = state.get("ema")
     if saved is None:
         log.warning("%s holds no weight average; it starts from the resumed weights", path)
         return

@@ -16,13 +16,7 @@ __all__ = ["torch_device"]
 
 def torch_device(name: str, *, require_available: bool = True) -> torch.device:
     """``torch.device(name)`` for cpu/cuda, or a :class:`ConfigError` saying what to pass instead."""
-    check_device_name(name)
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(None, f"device {name!r} is not a torch device name ({exc})", "use 'cpu' or 'cuda'") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(None, f"device {name!r} is not supported", "use 'cpu' or 'cuda[:N]'")
+    device = torch.device(check_device_name(name))  # the one name check: cpu, cuda, cuda:N
     if require_available and device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             None,
