@@ -122,3 +122,89 @@ def test_a_model_openvino_cannot_convert_falls_back_to_torch_with_one_warning(ov
     np.testing.assert_allclose(inferer.infer(image).np_prob, probe_expected(image, inferer.context).np_prob, atol=1e-6)
 
 
+
+
+# ----------------------------------------------------------------------------- without torch
+def _saved(model, path: Path) -> Path:
+    """``model`` written as a checkpoint of ours with the counts training records."""
+    from wsi_pipeline.engine.macs import count_macs, count_params
+    from wsi_pipeline.engine.weights import save_model
+
+    return save_model(model, path, {"name": path.stem, "params": count_params(model), "macs": count_macs(model)})
+
+
+_TORCH_FREE_RUN = """
+import json, sys
+import numpy as np
+from wsi_pipeline.batch.plan import prepare_model
+from wsi_pipeline.config import RunConfig
+from wsi_pipeline.engine.settings import InferenceConfig
+from wsi_pipeline.worker import get_inferer
+
+model, crop, out = sys.argv[1:4]
+info = prepare_model(RunConfig(model=model, window=256))
+inferer = get_inferer(str(info.path), InferenceConfig(runtime="auto", window=256))
+maps = inferer.infer(np.load(crop))
+np.savez(out, np_prob=maps.np_prob, hv=maps.hv, tp_prob=maps.tp_prob)
+print(json.dumps({"torch": "torch" in sys.modules, "runtime": inferer.runtime.name,
+                  "cached": inferer.runtime.converted_from_cache, "params": info.params, "macs": info.macs,
+                  "margin": info.margin, "window": info.window, "checksum": info.checksum}))
+"""
+
+
+def test_a_cached_conversion_plans_and_runs_without_torch(model_factory, he_crop, tmp_path, ov_cache):
+    """The driver's model check and an OpenVINO worker whose model's conversion is cached read
+    only the checkpoint's header and the cached graph (torch costs seconds at every start),
+    and compute exactly what the process that converted it computed."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from wsi_pipeline.batch.plan import prepare_model
+    from wsi_pipeline.config import RunConfig, file_checksum
+    from wsi_pipeline.engine.header import describe_file
+    from wsi_pipeline.engine.macs import count_params, model_macs
+    from wsi_pipeline.engine.weights import load_model
+
+    path = _saved(model_factory(), tmp_path / "tiny.safetensors")
+    converting = TileInferer(describe_file(path), InferenceConfig(runtime="openvino", window=256))
+    assert converting.runtime.name == "openvino" and not converting.runtime.converted_from_cache
+    expected = converting.infer(he_crop)
+    np.save(tmp_path / "crop.npy", he_crop)
+    done = subprocess.run(
+        [sys.executable, "-c", _TORCH_FREE_RUN, str(path), str(tmp_path / "crop.npy"), str(tmp_path / "maps.npz")],
+        capture_output=True, text=True, env={**os.environ, "WSI_PIPELINE_CACHE": str(ov_cache.parent)}, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    facts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert facts["torch"] is False and facts["runtime"] == "openvino" and facts["cached"] is True
+    got = np.load(tmp_path / "maps.npz")
+    for name in ("np_prob", "hv", "tp_prob"):
+        np.testing.assert_array_equal(got[name], getattr(expected, name))
+    # The header gives the driver what loading the network gives it.
+    loaded = load_model(path)
+    torch_info = prepare_model(RunConfig(model=str(path), window=256))  # this process has torch: same answer
+    assert (facts["params"], facts["macs"]) == (count_params(loaded), model_macs(loaded))
+    assert (facts["margin"], facts["window"]) == (torch_info.margin, torch_info.window) == (168, 256)
+    assert facts["checksum"] == file_checksum(path)
+
+
+def test_a_changed_checkpoint_never_gets_the_old_conversion(model_factory, he_crop, tmp_path, ov_cache):
+    """The cache is keyed by the file's bytes: weights re-saved under the same name are
+    converted again, and compute what the new weights compute."""
+    from wsi_pipeline.engine.header import describe_file
+    from wsi_pipeline.engine.infer import InferenceConfig as Config
+    from wsi_pipeline.engine.weights import load_model
+
+    path = _saved(model_factory(), tmp_path / "tiny.safetensors")
+    TileInferer(describe_file(path), Config(runtime="openvino", window=256))
+    changed = model_factory()
+    with torch.no_grad():
+        changed.decoder["np"].u0.conv.weight.mul_(-1.0)  # the nuclei map turned inside out
+    _saved(changed, path)
+    again = TileInferer(describe_file(path), Config(runtime="openvino", window=256))
+    assert not again.runtime.converted_from_cache
+    reference_new = TileInferer(load_model(path), Config(runtime="torch", window=256)).infer(he_crop)
+    assert not TOLERANCE_FP32.violations(compare_maps(reference_new, again.infer(he_crop)))
+    assert len(list(ov_cache.glob("*.xml"))) == 2

@@ -121,13 +121,15 @@ def test_stitcher_and_writers_import_without_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=PACKAGE.parent, timeout=120)
 
 
-def test_the_run_driver_imports_without_torch() -> None:
+def test_the_run_driver_and_the_worker_import_without_torch() -> None:
     """`wsi-pipeline run`'s driver modules (the CLI, the batch, the scheduler, the engine's
-    settings) load without torch: its import is seconds, so the driver imports it only in the
-    model check that overlaps the cluster's start (``batch.runner.run_batch``)."""
+    settings) and a worker's (the tile task, the engine, the OpenVINO runtime, the checkpoint
+    header) load without torch: its import is seconds, so it is imported only where a network
+    must be loaded (a first run of a model, the torch runtime; ``engine.header``)."""
     code = (
         "import sys, wsi_pipeline.cli as cli, wsi_pipeline.batch, wsi_pipeline.batch.runner, wsi_pipeline.schedule, "
-        "wsi_pipeline.engine.settings; cli.build_parser(); "
+        "wsi_pipeline.engine.settings, wsi_pipeline.worker, wsi_pipeline.engine.infer, wsi_pipeline.engine.runtime, "
+        "wsi_pipeline.engine.header, wsi_pipeline.engine.ir_cache, wsi_pipeline.engine.registry; cli.build_parser(); "
         "from wsi_pipeline.batch.plan import inference_config; from wsi_pipeline.config import RunConfig; "
         "inference_config(RunConfig(), 2, streams=2); "
         "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('wsi_pipeline'))"

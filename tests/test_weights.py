@@ -249,3 +249,68 @@ def test_non_checkpoints_are_model_errors(tmp_path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ModelError, match="safetensors"):
         load_model(path)
+
+
+# -- the header alone (what a torch-free driver or OpenVINO worker reads) -------------------------
+def test_the_header_describes_the_shipped_default_as_loading_it_does() -> None:
+    from wsi_pipeline.engine.header import describe_file
+    from wsi_pipeline.engine.macs import count_params, model_macs
+    from wsi_pipeline.engine.registry import resolve_model
+    from wsi_pipeline.engine.weights import model_postproc
+
+    path = resolve_model(None)
+    described, loaded = describe_file(path), load_model(path)
+    assert described is not None
+    assert (described.params, described.macs) == (count_params(loaded), model_macs(loaded))
+    assert (described.input_size, described.output_size, described.num_types, described.mode) == (
+        loaded.input_size, loaded.output_size, loaded.num_types, loaded.mode)
+    assert all(described.output_size_for(n) == loaded.output_size_for(n) for n in (256, 512, 768, 1024))
+    assert described.postproc == model_postproc(loaded)
+    assert {k: v for k, v in described.meta.items()} == loaded.meta
+
+
+def _resave_header(path: Path, change) -> None:
+    """Rewrite a checkpoint's JSON metadata in place (the tensors untouched)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        header = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    meta = json.loads(header["wsi_pipeline"])
+    change(meta)
+    header["wsi_pipeline"] = json.dumps(meta)
+    save_file(tensors, str(path), metadata=header)
+
+
+def test_the_header_vouches_only_for_what_its_tensors_confirm(tmp_path: Path) -> None:
+    """Anything the header cannot confirm from the tensors' shapes is left to a full load
+    (``None``): a legacy pickle, missing recorded counts, counts or widths the tensors
+    contradict. Metadata that is unreadable or too new is refused as loading refuses it."""
+    from wsi_pipeline.engine.header import describe_file
+    from wsi_pipeline.engine.macs import count_macs, count_params
+
+    model = _narrow()
+    counts = {"params": count_params(model), "macs": count_macs(model)}
+    good = save_model(model, tmp_path / "good", counts)
+    assert describe_file(good) is not None and describe_file(good).params == counts["params"]
+    assert describe_file(save_model(model, tmp_path / "no-counts", {})) is None
+    torch.save(model.state_dict(), tmp_path / "legacy.pth")
+    assert describe_file(tmp_path / "legacy.pth") is None
+
+    def widen(meta: dict) -> None:
+        name = next(iter(meta["spec"]["widths"]))
+        meta["spec"]["widths"][name] += 4
+
+    for name, change in {
+        "wrong-params": lambda meta: meta.update(params=meta["params"] + 1),
+        "wrong-width": widen,
+        "wrong-types": lambda meta: meta.update(num_types=3),
+    }.items():
+        path = save_model(model, tmp_path / name, counts)
+        _resave_header(path, change)
+        assert describe_file(path) is None, name
+    newer = save_model(model, tmp_path / "newer", counts)
+    _resave_header(newer, lambda meta: meta.update(format_version=99))
+    with pytest.raises(ModelError, match="newer than this wsi_pipeline reads"):
+        describe_file(newer)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "default_classes",
     "CONSEP_CLASSES",
     "PANNUKE_CLASSES",
     "class_color",
@@ -116,3 +117,16 @@ def majority_types(
         majority = np.where(foreground.max(axis=1) > 0, np.argmax(foreground, axis=1) + 1, 0).astype(np.int64)
     votes = np.where(counts.sum(axis=1) > 0, counts[np.arange(n_labels), majority], 0)
     return majority, votes.astype(np.int64)
+
+
+def default_classes(num_types: int | None) -> list[dict[str, Any]]:
+    """Foreground classes (ids 1..K; channel 0 is background) for a checkpoint without names.
+
+    6 type channels are the public PanNuke models, 5 the CoNSeP ones (HoVer-Net's
+    4-class convention); other counts get generic names.
+    """
+    if num_types is None or num_types < 2:
+        return []
+    known = {6: PANNUKE_CLASSES, 5: CONSEP_CLASSES}
+    classes = known.get(num_types) or generic_classes(num_types - 1)
+    return [{"id": int(c["id"]), "name": str(c["name"]), "color": [int(v) for v in c["color"]]} for c in classes]

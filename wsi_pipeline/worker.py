@@ -35,8 +35,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from wsi_pipeline.engine.header import describe_file
 from wsi_pipeline.engine.infer import ALIGN, InferenceConfig, Maps, TileInferer
 from wsi_pipeline.engine.postproc import PostprocConfig, postprocess
+from wsi_pipeline.engine.registry import resolve_model
 from wsi_pipeline.nuclei import Nucleus, TileResult
 from wsi_pipeline.slide.base import Slide, SlideSpec
 from wsi_pipeline.slide.tissue import TissueCrop
@@ -144,9 +146,11 @@ def get_inferer(model_path: str, infer: InferenceConfig | None = None) -> TileIn
     (path, config) and reused for every later tile.
 
     Public so a Dask worker plugin can warm it up before the first tile arrives.
-    """
-    from wsi_pipeline.engine.weights import load_model
 
+    A checkpoint of ours is described from its header (:func:`describe_file`) and only
+    loaded with torch when the runtime needs the network: an OpenVINO worker whose model's
+    conversion is cached never imports torch (seconds at every start).
+    """
     config = infer if infer is not None else InferenceConfig()
     key = (str(model_path), config)
     with _models_lock:
@@ -156,7 +160,12 @@ def get_inferer(model_path: str, infer: InferenceConfig | None = None) -> TileIn
             return inferer
         # One model per (checkpoint, config): the engine moves the model to its device
         # and memory layout in place, so two configs cannot share one copy safely.
-        model = load_model(key[0], device=config.device)
+        path = resolve_model(key[0])
+        model: Any = describe_file(path)
+        if model is None:  # a legacy format: only loading it says what it holds
+            from wsi_pipeline.engine.weights import load_model
+
+            model = load_model(path, device=config.device)
         inferer = TileInferer(model, config, label=str(model.meta.get("name") or key[0]))
         with _counts_lock:
             _counts["models_loaded"] += 1

@@ -57,19 +57,23 @@ checked by ``tests/test_infer.py`` on a real MoNuSeg crop (300x200 px):
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
 
 from wsi_pipeline.engine._malloc import keep_freed_memory
-from wsi_pipeline.engine.device import torch_device
+from wsi_pipeline.engine.header import ModelFile
 from wsi_pipeline.engine.runtime import Runtime, make_runtime
-from wsi_pipeline.engine.settings import ALIGN, DEFAULT_WINDOW, InferenceConfig
+from wsi_pipeline.engine.settings import ALIGN, DEFAULT_WINDOW, InferenceConfig, check_device_name
 from wsi_pipeline.errors import ConfigError, ModelError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 __all__ = [
     "ALIGN",
@@ -189,7 +193,17 @@ def bf16_supported(device: str | torch.device = "cpu") -> bool:
     CPU: oneDNN must be built in and the CPU must have AVX-512 BF16 or AMX-BF16 (without
     them oneDNN emulates bf16, slower than fp32). CUDA: the GPU must have bf16 tensor cores
     (Ampere or newer); older GPUs only emulate it.
+
+    On a Linux CPU the kernel's flags answer without importing torch (a process running a
+    cached OpenVINO model never loads it); torch is asked where it is loaded anyway, and
+    where the flags are not available.
     """
+    if check_device_name(str(device)) == "cpu" and "torch" not in sys.modules:
+        flags = _cpu_flags()
+        if flags:
+            return bool(flags & {"avx512_bf16", "amx_bf16"})
+    import torch
+
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
@@ -232,7 +246,8 @@ def bf16_native_note(bf16: bool | str, device: str, used: dict[str, int], native
 
 def _image_problem(image: object, min_side: int) -> tuple[str, str] | None:
     """(problem, fix) if ``image`` is not an (H, W, 3) uint8 RGB array of a usable size."""
-    if isinstance(image, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor can only come from a process that loaded torch
+    if torch is not None and isinstance(image, torch.Tensor):
         return (
             f"got a torch.Tensor {tuple(image.shape)} {image.dtype}; the engine takes a numpy array",
             "pass image.cpu().numpy() as an (H, W, 3) uint8 RGB array",
@@ -298,7 +313,7 @@ def _dtype_problem(image: np.ndarray) -> tuple[str, str]:
     )
 
 
-def _model_geometry(model: nn.Module) -> tuple[int, int, int | None]:
+def _model_geometry(model: nn.Module | ModelFile) -> tuple[int, int, int | None]:
     """(input_size, output_size, num_types) of a HoVer-Net-like model, checked."""
     missing = [a for a in ("input_size", "output_size", "num_types") if not hasattr(model, a)]
     if missing:
@@ -325,7 +340,7 @@ EDGE_REACH = 8
 Span = tuple[int, int, int]
 
 
-def resolve_window(model: nn.Module, window: int | None) -> int:
+def resolve_window(model: nn.Module | ModelFile, window: int | None) -> int:
     """The window side to use for ``model`` (``None``: :data:`DEFAULT_WINDOW` for models
     that take any size, the model's own input size otherwise); a side the network does not
     take is a :class:`ConfigError` naming the valid ones. The driver checks ``--window``
@@ -389,12 +404,19 @@ class WindowPlan:
 class TileInferer:
     """Runs one HoVer-Net over tiles of any size, window batch by window batch."""
 
-    def __init__(self, model: nn.Module, config: InferenceConfig | None = None, *, label: str | None = None) -> None:
+    def __init__(
+        self, model: nn.Module | ModelFile, config: InferenceConfig | None = None, *, label: str | None = None
+    ) -> None:
         self.config = config if config is not None else InferenceConfig()
         self.input_size, self.output_size, self.num_types = _model_geometry(model)
         self.context = (self.input_size - self.output_size) // 2
-        self.device = torch_device(self.config.device)
-        if self.config.threads is not None:
+        self.device = check_device_name(self.config.device)
+        if self.device != "cpu":  # a GPU must be there; asking imports torch
+            from wsi_pipeline.engine.device import torch_device
+
+            torch_device(self.device)
+        torch = sys.modules.get("torch")
+        if self.config.threads is not None and torch is not None:
             torch.set_num_threads(self.config.threads)
         keep_freed_memory()
         self.uses_bf16 = self.config.bf16 is True or (self.config.bf16 == "auto" and bf16_supported(self.device))

@@ -20,19 +20,20 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from wsi_pipeline.engine.geometry import MODES, ModeInfo, output_size_for
 from wsi_pipeline.errors import ModelError
 
 __all__ = [
     "BRANCHES",
     "DENSE_GROUPS",
     "MODES",
+    "ModeInfo",
     "ChannelSpec",
     "HoVerNet",
     "load_state_dict_checked",
@@ -44,21 +45,6 @@ BRANCHES: tuple[str, ...] = ("tp", "np", "hv")
 DENSE_GROUPS = 4
 """Groups of the dense units' second conv: both its widths must divide by it."""
 
-
-@dataclass(frozen=True)
-class ModeInfo:
-    """What distinguishes the two official modes."""
-
-    ksize: int
-    stem_padding: int
-    input_size: int
-    output_size: int
-
-
-MODES: dict[str, ModeInfo] = {
-    "fast": ModeInfo(ksize=3, stem_padding=3, input_size=256, output_size=164),
-    "original": ModeInfo(ksize=5, stem_padding=0, input_size=270, output_size=80),
-}
 
 # (block name, units, stride of the first unit, bottleneck width); output = 4 x bottleneck.
 _ENCODER: tuple[tuple[str, int, int, int], ...] = (
@@ -579,23 +565,6 @@ class UpSample2x(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # The network
 # ---------------------------------------------------------------------------------------------
-def _output_side(mode: str, input_size: int) -> int | None:
-    """Output side for an input side, or None where the input does not fit the network.
-
-    After the 7x7 stem the side must divide by 8 so that the upsampled decoder
-    features line up with the encoder's; each valid decoder conv then trims a
-    constant border, so the output is the input minus a fixed margin.
-    """
-    info = MODES[mode]
-    side = input_size + 2 * info.stem_padding - 6
-    shrink = info.ksize - 1
-    u3 = side // 4 - 9 * shrink  # conva + 8 dense units, each a valid conv
-    u2 = 2 * u3 - 5 * shrink  # conva + 4 dense units
-    if side <= 0 or side % 8 or u2 < 1:
-        return None
-    return 2 * u2
-
-
 class HoVerNet(nn.Module):
     """HoVer-Net, official module tree, per-layer widths from ``spec``.
 
@@ -675,17 +644,7 @@ class HoVerNet(nn.Module):
 
     def output_size_for(self, input_size: int) -> int:
         """Output side for an input side (other sizes than the default work, and H != W)."""
-        out = _output_side(self.mode, input_size)
-        if out is None:
-            offset = MODES[self.mode].input_size % 8
-            minimum = next(n for n in range(8 + offset, 4096, 8) if _output_side(self.mode, n))
-            raise ModelError(
-                None,
-                f"input size {input_size} does not fit HoVer-Net {self.mode} mode",
-                f"use a size >= {minimum} with (size - {offset}) divisible by 8 "
-                f"(default {MODES[self.mode].input_size})",
-            )
-        return out
+        return output_size_for(self.mode, input_size)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         if x.ndim != 4 or x.shape[1] != 3:

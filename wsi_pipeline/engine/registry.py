@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from wsi_pipeline.engine.weights import CHECKPOINT_SUFFIXES, FORMATS_HINT, read_metadata
+from wsi_pipeline.engine.header import CHECKPOINT_SUFFIXES, FORMATS_HINT, read_metadata
 from wsi_pipeline.errors import ModelError
 
 ENV_VAR = "WSI_PIPELINE_MODELS"

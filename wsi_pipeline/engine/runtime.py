@@ -13,9 +13,12 @@ Both take the input in the layout the tiles come in (uint8 NHWC) and return soft
 float32 maps, so the permute, the cast and the softmax are inside the compiled graph
 rather than extra passes over the maps in numpy.
 
-The converted model is cached on disk (:func:`cache_dir`), keyed by a checksum of the
-weights, the OpenVINO version and this module's export revision: every Dask worker of
-every run loads the cached IR instead of tracing the network again. A cache entry that
+The converted model is cached on disk (:mod:`~wsi_pipeline.engine.ir_cache`), keyed by the
+checksum of the checkpoint file (of the weights for a model that exists only in memory), the
+OpenVINO version and the export revision: every Dask worker of every run loads the cached IR
+instead of tracing the network again, and a process given the checkpoint as a
+:class:`~wsi_pipeline.engine.header.ModelFile` whose graph is cached never imports torch
+(the torch side lives in :mod:`~wsi_pipeline.engine.torch_runtime`). A cache entry that
 cannot be read (a crash mid-write, a truncated file, another OpenVINO's format) is
 rebuilt with a warning, never trusted and never fatal. Compiled executables per input
 shape go to OpenVINO's own ``CACHE_DIR`` under the same folder.
@@ -28,52 +31,45 @@ torch with one warning naming the model and the reason.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
-import torch
-from torch import nn
 
-from wsi_pipeline.engine.device import torch_device
-from wsi_pipeline.engine.settings import RUNTIMES
-from wsi_pipeline.errors import ConfigError, ModelError
+from wsi_pipeline.engine.header import ModelFile
+from wsi_pipeline.engine.ir_cache import CACHE_ENV, cache_dir, cached_graph, graph_folder, graph_key, openvino_available
+from wsi_pipeline.engine.settings import RUNTIMES, check_device_name
+from wsi_pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = [
     "CACHE_ENV",
     "OpenVINORuntime",
     "Runtime",
-    "TorchRuntime",
     "cache_dir",
     "make_runtime",
     "openvino_available",
-    "weights_checksum",
 ]
 
 log = logging.getLogger(__name__)
 
 RuntimeName = Literal["auto", "torch", "openvino"]
-CACHE_ENV = "WSI_PIPELINE_CACHE"
-# Bump when the exported graph changes (inputs, outputs, pre/post-processing inside it):
-# older cache entries then no longer match and are rebuilt.
-EXPORT_REVISION = 1
 # Compiled models kept per runtime: a run sees one interior tile shape plus a few edge ones.
 SHAPE_CACHE_SIZE = 8
 # Serialises the first touch of each new infer request's tensors, and the inferences of a
 # process (see OpenVINORuntime._request and run).
 _FIRST_TOUCH = threading.Lock()
 _INFER = threading.Lock()
-# Largest f32 difference from torch accepted when a conversion is checked, relative to the
-# output's range (at least 1; measured on the shipped models: < 1e-4).
-VERIFY_TOLERANCE = 1e-2
 
 
 class Runtime(Protocol):
@@ -87,121 +83,17 @@ class Runtime(Protocol):
         ...
 
 
-def _raw_check(model: nn.Module, raw: Any) -> None:
-    if not isinstance(raw, dict) or "np" not in raw or "hv" not in raw:
-        raise ModelError(
-            None,
-            f"{type(model).__name__}.forward returned {type(raw).__name__} without 'np'/'hv' keys",
-            "use a HoVer-Net model whose forward returns a dict of np, hv (and tp) maps",
-        )
-
-
-def _probabilities(raw: dict[str, torch.Tensor], with_types: bool) -> dict[str, torch.Tensor]:
-    """The maps callers use, from the network's logits (one definition for both runtimes)."""
-    out = {"np_prob": torch.softmax(raw["np"].float(), dim=1)[:, 1], "hv": raw["hv"].float()}
-    if with_types and "tp" in raw:
-        out["tp_prob"] = torch.softmax(raw["tp"].float(), dim=1)
-    return out
-
-
-class TorchRuntime:
-    """PyTorch eager (or compiled) on CPU or CUDA.
-
-    The model is put in eval mode and moved to the device and memory layout in place
-    (no copy: a second copy of a 37 M-parameter model per worker is not free).
-    """
-
-    name = "torch"
-
-    def __init__(
-        self,
-        model: nn.Module,
-        device: str = "cpu",
-        *,
-        bf16: bool = False,
-        channels_last: bool = True,
-        compile: bool = False,
-        batch_size: int = 1,
-    ) -> None:
-        self.device = torch_device(device)
-        self.uses_bf16 = bf16
-        self.precision = "bf16" if bf16 else "f32"
-        self.channels_last = channels_last
-        self.batch_size = batch_size
-        self.with_types = getattr(model, "num_types", None) is not None
-        layout = torch.channels_last if channels_last else torch.contiguous_format
-        model.eval()
-        model.to(device=self.device, memory_format=layout)
-        self.model = model
-        self.compiled = compile
-        # dynamic=False: one static graph per batch shape; run() pads short batches to
-        # batch_size so a tile's last batch never triggers a recompile.
-        self._forward = torch.compile(model, dynamic=False) if compile else model
-
-    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        n = batch.shape[0]
-        patches = torch.from_numpy(np.ascontiguousarray(batch))
-        if self.compiled and n < self.batch_size:
-            patches = torch.cat([patches, patches.new_zeros((self.batch_size - n, *patches.shape[1:]))])
-        with torch.inference_mode():
-            patches = patches.to(self.device, non_blocking=True)
-            # NHWC permuted to NCHW is already channels_last in memory: no copy needed for it.
-            x = patches.permute(0, 3, 1, 2).float()
-            x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.uses_bf16):
-                raw = self._forward(x)
-            _raw_check(self.model, raw)
-            out = _probabilities({k: v[:n] for k, v in raw.items()}, self.with_types)
-            return {k: v.cpu().numpy() for k, v in out.items()}
-
-
-class _Exported(nn.Module):
-    """The graph OpenVINO compiles: uint8 NHWC in, softmaxed maps out (a tuple: fixed order)."""
-
-    def __init__(self, model: nn.Module, with_types: bool) -> None:
-        super().__init__()
-        self.model, self.with_types = model, with_types
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        raw = self.model(x.permute(0, 3, 1, 2).float())
-        out = _probabilities(raw, self.with_types)
-        return tuple(out[k] for k in ("np_prob", "hv", "tp_prob") if k in out)
-
-
-def openvino_available() -> bool:
-    """Whether the ``openvino`` package is installed here (found, not imported: a process
-    that only plans a run, the driver, never loads the library)."""
-    import importlib.util
-
-    return importlib.util.find_spec("openvino") is not None
-
-
-def cache_dir() -> Path:
-    """Where converted models live: ``$WSI_PIPELINE_CACHE``, else the user's cache folder."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "wsi-pipeline"
-
-
-def weights_checksum(model: nn.Module) -> str:
-    """SHA-256 of the architecture and every weight: the same model wherever its file lies."""
-    digest = hashlib.sha256()
-    digest.update(f"{type(model).__name__}:{getattr(model, 'mode', '')}:{getattr(model, 'num_types', '')}".encode())
-    for name, tensor in model.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
-
-
 class OpenVINORuntime:
     """The model converted to OpenVINO and compiled for the CPU, one executable per shape.
 
     ``precision``: ``"bf16"`` or ``"f32"``, passed to OpenVINO as the inference precision
-    hint. ``threads``: OpenVINO's thread count (``None``: torch's current setting, so one
-    knob, ``--threads``/the worker layout, governs both runtimes).
+    hint. ``threads``: OpenVINO's thread count (``None``: torch's current setting where torch
+    is loaded, so one knob, ``--threads``/the worker layout, governs both runtimes; else the
+    cores this process may use).
+
+    ``model``: a loaded network, or a :class:`~wsi_pipeline.engine.header.ModelFile`, which is
+    loaded (with torch) only when its graph is not in the cache yet. ``checksum`` keys the
+    cache (default: the file's, or the weights' of a network given as such).
 
     One compiled model may be called from several Dask task threads at once: each thread
     gets its own infer requests (requests are not thread-safe, compiled models are).
@@ -221,33 +113,35 @@ class OpenVINORuntime:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | ModelFile,
         *,
         precision: Literal["bf16", "f32"] = "f32",
         threads: int | None = None,
         label: str | None = None,
         streams: int = 1,
+        checksum: str | None = None,
     ) -> None:
         import openvino as ov
 
         self._ov = ov
         self.precision = precision
-        self.threads = threads if threads is not None else torch.get_num_threads()
+        self.threads = threads if threads is not None else _default_threads()
         if isinstance(streams, bool) or not isinstance(streams, int) or streams < 1:
             raise ConfigError(None, f"streams={streams!r} must be a positive integer", "give e.g. streams=2")
         self.streams = min(streams, self.threads)
-        self.label = label or type(model).__name__
+        self.label = label or (model.meta.get("name", model.path.stem) if isinstance(model, ModelFile)
+                               else type(model).__name__)
         self.with_types = getattr(model, "num_types", None) is not None
         self.core = ov.Core()
-        self.folder = cache_dir() / "openvino"
+        self.folder = graph_folder()
         try:  # OpenVINO's own cache of compiled executables (per shape and precision)
             (self.folder / "compiled").mkdir(parents=True, exist_ok=True)
             self.core.set_property({"CACHE_DIR": str(self.folder / "compiled")})
         except (OSError, RuntimeError) as exc:
             log.warning("no compiled-model cache in %s (%s); compiling in memory", self.folder, exc)
-        self.key = hashlib.sha256(
-            f"{weights_checksum(model)}:{ov.__version__}:{EXPORT_REVISION}".encode()
-        ).hexdigest()[:32]
+        if checksum is None:
+            checksum = model.checksum if isinstance(model, ModelFile) else _weights_checksum(model)
+        self.key = graph_key(checksum)
         self.converted_from_cache = False
         # Infer requests per (thread, shape), created before the compiled models they belong to
         # so that they are also destroyed first (a request outliving its compiled model can
@@ -259,7 +153,7 @@ class OpenVINORuntime:
         self.compile_seconds = 0.0
 
     # -------------------------------------------------------------- conversion + cache
-    def _converted(self, model: nn.Module) -> Any:
+    def _converted(self, model: nn.Module | ModelFile) -> Any:
         """The converted model from the cache, or converted now (and cached). Workers of one
         machine starting together take turns (a file lock): one converts, the others read."""
         from filelock import FileLock, Timeout
@@ -276,7 +170,7 @@ class OpenVINORuntime:
             if lock is not None:
                 lock.release()
 
-    def _converted_locked(self, model: nn.Module) -> Any:
+    def _converted_locked(self, model: nn.Module | ModelFile) -> Any:
         xml = self.folder / f"{self.key}.xml"
         if xml.is_file() and xml.with_suffix(".bin").is_file():
             try:
@@ -285,7 +179,10 @@ class OpenVINORuntime:
                 return loaded
             except Exception as exc:  # a truncated or foreign file: rebuild, never trust it
                 log.warning("compiled-model cache %s is unreadable (%s); converting the model again", xml, exc)
-        converted = self._convert(model)
+        from wsi_pipeline.engine.torch_runtime import convert_to_openvino
+
+        network = model.load() if isinstance(model, ModelFile) else model
+        converted = convert_to_openvino(network, self.with_types, self.core, self.threads)
         self._store(converted, xml)
         if xml.is_file() and xml.with_suffix(".bin").is_file():
             # Compute with the IR as read back, as every later process will: the graph saving
@@ -296,52 +193,6 @@ class OpenVINORuntime:
             except Exception as exc:  # another process replaced it meanwhile with a damaged file
                 log.warning("cannot read back the converted model %s (%s); using it from memory", xml, exc)
         return converted
-
-    def _convert(self, model: nn.Module) -> Any:
-        ov = self._ov
-        was_training = model.training
-        model.eval()
-        side = int(getattr(model, "input_size", 256))
-        example = torch.zeros((1, side, side, 3), dtype=torch.uint8)
-        try:
-            with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-                # The tracer notes that "same" padding is computed from the input shape: it is
-                # constant for every side that divides by 8, the only sides windows have.
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.trace's own notice
-                converted = ov.convert_model(_Exported(model, self.with_types), example_input=example)
-            # Batch, height and width stay free: the graph is reshaped per window size.
-            converted.reshape({converted.inputs[0]: ov.PartialShape([-1, -1, -1, 3])})
-            self._verify(model, converted, side)
-        finally:
-            model.train(was_training)
-        return converted
-
-    def _verify(self, model: nn.Module, converted: Any, side: int) -> None:
-        """Refuse a conversion that does not compute what the model computes.
-
-        Tracing records one run: code that leaves torch (numpy, Python branches on
-        values) becomes a constant and the converted graph silently answers something
-        else. One f32 forward of both on a fixed random image catches that.
-        """
-        rng = np.random.default_rng(0)
-        probe = rng.integers(0, 256, (1, side, side, 3), dtype=np.uint8)
-        with torch.inference_mode():
-            expected = _Exported(model, self.with_types)(torch.from_numpy(probe))
-        compiled = self.core.compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-        got = compiled({0: probe})
-        for i, want in enumerate(expected):
-            reference = want.float().numpy()
-            diff = float(np.abs(np.asarray(got[compiled.outputs[i]]) - reference).max())
-            # Relative to the output's range: an untrained network amplifies rounding (its HV
-            # maps can reach large values), a constant baked in by tracing is off by O(range).
-            scale = max(1.0, float(np.abs(reference).max()))
-            if not diff <= VERIFY_TOLERANCE * scale:
-                raise ModelError(
-                    None,
-                    f"the converted model differs from torch by {diff:.3g} on output {i} (f32, same input)",
-                    "its forward probably leaves torch (numpy, value-dependent Python code); use --runtime torch",
-                )
 
     def _store(self, converted: Any, xml: Path) -> None:
         """Write the IR beside its final name and rename it into place (workers race here)."""
@@ -448,8 +299,26 @@ class OpenVINORuntime:
         return {name: np.concatenate(chunks) for name, chunks in parts.items()}
 
 
+def _default_threads() -> int:
+    """torch's thread setting where torch is loaded (one knob for both runtimes), else the
+    cores this process may run on."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return int(torch.get_num_threads())
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _weights_checksum(model: nn.Module) -> str:
+    from wsi_pipeline.engine.torch_runtime import weights_checksum
+
+    return weights_checksum(model)
+
+
 def make_runtime(
-    model: nn.Module,
+    model: nn.Module | ModelFile,
     runtime: RuntimeName,
     *,
     device: str = "cpu",
@@ -464,12 +333,16 @@ def make_runtime(
     """The runtime for ``model``: ``torch``, ``openvino``, or ``auto`` (OpenVINO on the CPU
     where installed and able to convert the model, torch otherwise).
 
+    ``model`` may be a :class:`~wsi_pipeline.engine.header.ModelFile`: it is loaded with torch
+    only when the runtime needs the network (torch, or a conversion not cached yet), and its
+    conversion is cached under the file's checksum either way.
+
     ``openvino`` asked for explicitly but impossible (a GPU device, the package missing)
     is a :class:`ConfigError`; ``auto`` never fails for OpenVINO's sake.
     """
     if runtime not in RUNTIMES:
         raise ConfigError(None, f"runtime={runtime!r} is not one of {', '.join(RUNTIMES)}", "use runtime='auto'")
-    on_cpu = torch_device(device, require_available=False).type == "cpu"
+    on_cpu = check_device_name(device) == "cpu"
     want_openvino = runtime == "openvino" or (runtime == "auto" and on_cpu and openvino_available())
     if runtime == "openvino" and not on_cpu:
         raise ConfigError(None, f"the OpenVINO runtime runs on the CPU, not on {device}",
@@ -477,19 +350,29 @@ def make_runtime(
     if runtime == "openvino" and not openvino_available():
         raise ConfigError(None, "--runtime openvino needs the openvino package, which is not installed",
                           "pip install openvino, or use --runtime torch")
+    what = label or (model.meta.get("name", model.path.stem) if isinstance(model, ModelFile) else type(model).__name__)
+    checksum = model.checksum if isinstance(model, ModelFile) else None
+    if isinstance(model, ModelFile) and not (want_openvino and cached_graph(model.checksum)):
+        # The network is needed: loaded here, so a damaged file is reported as such, not as a
+        # conversion failure.
+        model = model.load(device)
     if want_openvino:
         try:
             return OpenVINORuntime(
-                model, precision="bf16" if bf16 else "f32", threads=threads, label=label, streams=streams
+                model, precision="bf16" if bf16 else "f32", threads=threads, label=what, streams=streams,
+                checksum=checksum,
             )
         except Exception as exc:  # conversion can fail on any unusual module
-            what = label or type(model).__name__
             warnings.warn(
                 f"OpenVINO cannot convert model {what} ({type(exc).__name__}: {exc}); running it with torch instead",
                 RuntimeWarning,
                 stacklevel=2,
             )
             log.warning("OpenVINO cannot convert model %s (%s); using torch", what, exc)
+    from wsi_pipeline.engine.torch_runtime import TorchRuntime
+
+    network = model.load(device) if isinstance(model, ModelFile) else model
     return TorchRuntime(
-        model, device, bf16=bf16, channels_last=channels_last, compile=compile, batch_size=batch_size
+        network, device, bf16=bf16, channels_last=channels_last, compile=compile, batch_size=batch_size,
+        threads=threads,
     )

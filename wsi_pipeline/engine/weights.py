@@ -35,23 +35,34 @@ import torch
 from torch import Tensor
 
 from wsi_pipeline.atomic import atomic_path
+from wsi_pipeline.engine.header import (
+    CHECKPOINT_SUFFIXES,
+    DEFAULT_MPP,
+    FORMAT_VERSION,
+    FORMATS_HINT,
+    META_KEY,
+    complete_meta,
+    is_safetensors,
+    parse_meta,
+    read_metadata,
+)
 from wsi_pipeline.engine.model import ChannelSpec, HoVerNet
 from wsi_pipeline.engine.postproc import PostprocConfig
 from wsi_pipeline.errors import ModelError
 
-__all__ = ["DEFAULT_MPP", "FORMAT_VERSION", "load_model", "model_postproc", "read_state_dict", "save_model"]
+__all__ = [
+    "CHECKPOINT_SUFFIXES",
+    "DEFAULT_MPP",
+    "FORMATS_HINT",
+    "FORMAT_VERSION",
+    "load_model",
+    "model_postproc",
+    "read_metadata",
+    "read_state_dict",
+    "save_model",
+]
 
-FORMAT_VERSION = 1
-DEFAULT_MPP = 0.25
-"""µm/px assumed for legacy checkpoints: the public HoVer-Net models were trained at 40x."""
-
-_META_KEY = "wsi_pipeline"
-CHECKPOINT_SUFFIXES = {".safetensors", ".tar", ".pth", ".pt", ".ckpt", ".bin"}
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel, torch.compile
-FORMATS_HINT = (
-    "give a HoVer-Net checkpoint: a .safetensors file saved by wsi_pipeline, the official release "
-    "(a torch.save of {'desc': state_dict}) or a TIAToolbox hovernet state dict (.pth)"
-)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,45 +79,12 @@ def read_state_dict(path: str | PathLike[str]) -> tuple[dict[str, Tensor], dict[
     if not path.is_file():
         problem = "is a directory, not a checkpoint file" if path.is_dir() else "no such checkpoint file"
         raise ModelError(path, problem, FORMATS_HINT)
-    if _is_safetensors(path):
+    if is_safetensors(path):
         state_dict, meta = _read_safetensors(path)
     else:
         state_dict, fmt = _read_torch_pickle(path)
         meta = {"format": fmt}
     return _strip_prefixes(state_dict), meta
-
-
-def read_metadata(path: str | PathLike[str]) -> dict[str, Any]:
-    """Our JSON metadata of a safetensors checkpoint without reading its tensors.
-
-    Listing shipped models must stay instant, so only the header is parsed;
-    legacy formats (no metadata) give ``{}``.
-    """
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if not path.is_file() or not _is_safetensors(path):
-        return {}
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            header = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelError(path, f"cannot read this safetensors file ({exc})", "re-download or re-save it") from None
-    try:
-        meta = json.loads(header.get(_META_KEY, "{}"))
-    except json.JSONDecodeError as exc:
-        raise ModelError(path, f"its metadata is not valid JSON ({exc})", "re-save it with save_model") from None
-    return meta if isinstance(meta, dict) else {}
-
-
-def _is_safetensors(path: Path) -> bool:
-    """A safetensors file starts with an 8-byte little-endian header length, then a JSON object."""
-    with path.open("rb") as f:
-        head = f.read(9)
-    if len(head) < 9:
-        return False
-    header_len = int.from_bytes(head[:8], "little")
-    return 0 < header_len <= path.stat().st_size - 8 and head[8:9] == b"{"
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -118,22 +96,9 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
             state_dict = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelError(path, f"cannot read this safetensors file ({exc})", "re-download or re-save it") from None
-    if _META_KEY not in header:
+    meta = parse_meta(path, header)
+    if meta is None:
         return state_dict, {"format": "safetensors"}
-    try:
-        meta = json.loads(header[_META_KEY])
-    except json.JSONDecodeError as exc:
-        raise ModelError(path, f"its metadata is not valid JSON ({exc})", "re-save it with save_model") from None
-    if not isinstance(meta, dict):
-        raise ModelError(path, "its metadata is not a JSON object", "re-save it with save_model")
-    version = meta.get("format_version", FORMAT_VERSION)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ModelError(
-            path,
-            f"checkpoint format version {version!r} is newer than this wsi_pipeline reads ({FORMAT_VERSION})",
-            "upgrade wsi_pipeline",
-        )
-    meta["format"] = "wsi_pipeline"
     return state_dict, meta
 
 
@@ -222,7 +187,7 @@ def load_model(path_or_name: str | PathLike[str], device: str | torch.device = "
             )
     except ModelError as exc:
         raise ModelError(path, exc.problem, exc.fix) from None
-    model.meta = _complete_meta(meta, model, path)
+    model.meta = complete_meta(meta, mode=model.mode, num_types=model.num_types, spec=model.spec.to_dict(), path=path)
     # Each model carries its own post-processing; a bad value is refused here, naming the file.
     model.postproc = PostprocConfig.from_meta(meta.get("postproc"), str(path))
     return model.to(device).eval()
@@ -232,42 +197,6 @@ def model_postproc(model: torch.nn.Module) -> PostprocConfig:
     """The post-processing a model was calibrated with (the defaults for one not loaded from a file)."""
     config = getattr(model, "postproc", None)
     return config if isinstance(config, PostprocConfig) else PostprocConfig()
-
-
-def default_classes(num_types: int | None) -> list[dict[str, Any]]:
-    """Foreground classes (ids 1..K; channel 0 is background) for a checkpoint without names.
-
-    6 type channels are the public PanNuke models, 5 the CoNSeP ones (HoVer-Net's
-    4-class convention); other counts get generic names.
-    """
-    from wsi_pipeline.classes import CONSEP_CLASSES, PANNUKE_CLASSES, generic_classes
-
-    if num_types is None or num_types < 2:
-        return []
-    known = {6: PANNUKE_CLASSES, 5: CONSEP_CLASSES}
-    classes = known.get(num_types) or generic_classes(num_types - 1)
-    return [{"id": int(c["id"]), "name": str(c["name"]), "color": [int(v) for v in c["color"]]} for c in classes]
-
-
-def _complete_meta(meta: Mapping[str, Any], model: HoVerNet, path: Path) -> dict[str, Any]:
-    name = path.name[: -len(".safetensors")] if path.name.endswith(".safetensors") else path.stem
-    out = {
-        "name": name,
-        "classes": default_classes(model.num_types),
-        "mpp": DEFAULT_MPP,
-        "lineage": [],
-        "metrics": {},
-        **meta,
-    }
-    out.update(
-        {
-            "mode": model.mode,
-            "num_types": model.num_types,
-            "spec": model.spec.to_dict(),
-            "path": str(path),
-        }
-    )
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,5 +255,5 @@ def save_model(model: torch.nn.Module, path: str | PathLike[str], meta: Mapping[
         ) from None
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     with atomic_path(path) as tmp:  # world-readable: safetensors creates files owner-only
-        save_file(tensors, str(tmp), metadata={_META_KEY: text, "format": "pt"})
+        save_file(tensors, str(tmp), metadata={META_KEY: text, "format": "pt"})
     return path
