@@ -266,7 +266,7 @@ def test_the_header_describes_the_shipped_default_as_loading_it_does() -> None:
         loaded.input_size, loaded.output_size, loaded.num_types, loaded.mode)
     assert all(described.output_size_for(n) == loaded.output_size_for(n) for n in (256, 512, 768, 1024))
     assert described.postproc == model_postproc(loaded)
-    assert {k: v for k, v in described.meta.items()} == loaded.meta
+    assert described.meta == loaded.meta
 
 
 def _resave_header(path: Path, change) -> None:

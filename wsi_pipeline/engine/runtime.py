@@ -2,8 +2,9 @@
 
 Two runtimes run the same network:
 
-* :class:`TorchRuntime`: PyTorch eager (CPU or CUDA), optional bf16 autocast,
-  channels_last and ``torch.compile``. It is the reference and the GPU path.
+* :class:`~wsi_pipeline.engine.torch_runtime.TorchRuntime`: PyTorch eager (CPU or CUDA),
+  optional bf16 autocast, channels_last and ``torch.compile``. It is the reference and the
+  GPU path.
 * :class:`OpenVINORuntime`: the model converted once to OpenVINO (``openvino.convert_model``)
   and compiled for the CPU. On CPUs here PyTorch eager leaves most of the machine idle
   on HoVer-Net's narrow layers; OpenVINO fuses them and picks kernels for the exact
