@@ -43,8 +43,9 @@ class InferenceConfig:
     ``bf16="auto"`` turns bf16 autocast on only where the hardware computes it natively
     (CPU with AVX-512 BF16 or AMX, CUDA GPUs with bf16 tensor cores): elsewhere it is
     emulated and slower than fp32. ``bf16=True`` forces it anyway (useful for testing).
-    ``threads`` sets ``torch.set_num_threads`` for the whole process, because that is the
-    only knob torch offers, and OpenVINO's thread count; ``None`` leaves torch's default.
+    ``threads`` sets OpenVINO's thread count and, in a process where torch is loaded,
+    ``torch.set_num_threads`` for the whole process (the only knob torch offers); ``None``
+    leaves torch's default (the cores this process may use when torch is not loaded).
     ``runtime``: ``torch`` (the reference; the library default), ``openvino`` or ``auto``
     (OpenVINO on the CPU where installed; what ``wsi-pipeline run`` uses).
     ``window``: the network's input side for whole-tile inference; ``None`` takes
