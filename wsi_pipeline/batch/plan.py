@@ -120,13 +120,13 @@ def prepare_model(config: RunConfig) -> ModelInfo:
     path = resolve_model(config.model)
     model: Any = describe_file(path)
     if model is not None and cached_graph(model.checksum) is not None:
-        params, macs, postproc, digest = model.params, model.macs, model.postproc, model.checksum
+        params, macs, postproc = model.params, model.macs, model.postproc
     else:
         from wsi_pipeline.engine.macs import count_params, model_macs
         from wsi_pipeline.engine.weights import load_model, model_postproc
 
         model = load_model(path)
-        params, macs, postproc, digest = count_params(model), model_macs(model), model_postproc(model), None
+        params, macs, postproc = count_params(model), model_macs(model), model_postproc(model)
     meta = dict(model.meta)
     mpp = float(config.target_mpp or meta.get("mpp") or 0.25)
     margin = config.margin if config.margin is not None else int(default_margin(model, postproc, mpp=mpp))
@@ -135,7 +135,7 @@ def prepare_model(config: RunConfig) -> ModelInfo:
     return ModelInfo(
         path=path,
         name=str(meta.get("name", path.stem)),
-        checksum=digest or file_checksum(path),
+        checksum=getattr(model, "checksum", None) or file_checksum(path),  # a ModelFile has it already
         mpp=mpp,
         classes=list(meta.get("classes", [])),
         params=params,
