@@ -29,6 +29,8 @@ def test_defaults_leave_derived_values_open() -> None:
     assert config.model is None and config.tile_size is None and config.margin is None
     assert config.workers is None and config.threads_per_worker is None and config.scheduler is None
     assert (config.geojson, config.device, config.retries, config.overwrite) == ("gz", "cpu", 2, False)
+    # bf16 where the hardware computes it natively, as DESIGN.md gives the CPU engine's default.
+    assert config.bf16 == "auto" and config.runtime == "auto"
 
 
 def test_every_option_has_a_flag_of_its_name() -> None:

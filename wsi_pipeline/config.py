@@ -144,7 +144,11 @@ class RunConfig(BaseModel):
     margin: int | None = Field(None, ge=0, le=4096, description="context on each tile side in px (default: derived)")
     batch_size: int = Field(4, ge=1, le=1024, description="patches per model forward pass")
     device: str = Field("cpu", description="torch device: cpu, cuda or cuda:N")
-    bf16: bool | Literal["auto"] = Field(False, description="bf16 autocast: true, false or auto (where native)")
+    # "auto" by default: the CPU engine is the product, and f32 on a CPU with native bf16 costs
+    # 1.8x per window for a PQ change of about 0.002 (docs/engine.md); f32 elsewhere.
+    bf16: bool | Literal["auto"] = Field(
+        "auto", description="bf16 arithmetic: auto (where the CPU or GPU computes it natively), true or false"
+    )
     runtime: Literal["auto", "torch", "openvino"] = Field(
         "auto", description="inference runtime: auto (OpenVINO on CPU where installed, else torch), torch, openvino"
     )

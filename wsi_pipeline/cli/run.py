@@ -58,7 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--margin", type=int, metavar="PX", help="context around each tile in px (default: derived)")
     model.add_argument("--batch-size", type=int, metavar="N", help="windows per forward pass (4)")
     model.add_argument("--device", metavar="DEV", help="torch device: cpu, cuda or cuda:N (cpu)")
-    model.add_argument("--bf16", type=_bf16, metavar="auto|true|false", help="bf16 arithmetic (false)")
+    model.add_argument("--bf16", type=_bf16, metavar="auto|true|false",
+                       help="bf16 arithmetic (auto: where native, f32 elsewhere)")
     model.add_argument(
         "--runtime", choices=("auto", "torch", "openvino"),
         help="inference runtime (auto: OpenVINO on the CPU where installed, else torch)",
