@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import dask
 import numpy as np
@@ -369,3 +370,26 @@ def test_with_a_gpu_resource_a_tile_is_inference_then_post_processing_off_the_gp
     assert len(infer_keys) == len(finish_keys) == len(tasks)
     assert all(seen[k] == {GPU_RESOURCE: 1} for k in infer_keys)  # inference holds the GPU
     assert all(seen[k] == {} for k in finish_keys)  # post-processing runs on any thread
+
+
+
+def _status_page(cluster: Any) -> int:
+    """The HTTP status of the dashboard's /status page on the local scheduler's web server
+    (the server runs either way, for /health; bokeh's pages only with the dashboard)."""
+    import urllib.error
+    import urllib.request
+
+    port = cluster.client.cluster.scheduler.http_server.port
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=30) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+@pytest.mark.parametrize("wanted", [False, True])
+def test_a_local_cluster_serves_the_dashboard_only_when_asked(wanted: bool) -> None:
+    """Bokeh's dashboard costs every local run about a second of start-up, so it is opt-in."""
+    with open_client(RunConfig(dashboard=wanted, workers=1, threads_per_worker=1)) as cluster:
+        assert _status_page(cluster) == (200 if wanted else 404)
+        assert (cluster.dashboard is not None) == wanted

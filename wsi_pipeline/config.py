@@ -177,6 +177,11 @@ class RunConfig(BaseModel):
         False, description="also store the RGB slide at the inference µm/px in the OME-Zarr (napari shows both)"
     )
     dask_report: Path | None = Field(None, description="write Dask's performance report (HTML) here")
+    dashboard: bool = Field(
+        False,
+        description="serve Dask's dashboard from a local cluster (its address is logged); off by default because "
+        "starting it costs every run about a second, more than the whole engine start-up of a cached model",
+    )
     max_in_flight: int | None = Field(
         None, ge=1, le=100_000, description="tiles in flight at once, shared by the slides in flight"
     )

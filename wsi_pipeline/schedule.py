@@ -340,7 +340,15 @@ def _connect_timeout() -> float:
     return float(parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), default="s"))
 
 
-def _dashboard_address() -> str | None:
+def _dashboard_address(wanted: bool = True) -> str | None:
+    """A free port for Dask's dashboard where it is wanted and bokeh is installed, else None.
+
+    Jobqueue clusters keep theirs (a long batch on shared nodes is watched there); a local
+    cluster starts one only with ``--dashboard``: bokeh's import and server added about a
+    second to each run's cluster start on 2 cores, a tenth of a small slide's run.
+    """
+    if not wanted:
+        return None
     try:
         import bokeh  # noqa: F401
     except ImportError:
@@ -437,11 +445,11 @@ def gpu_worker_specs(layout: GpuLayout, memory_limit: int | None = None) -> dict
     }
 
 
-def start_gpu_cluster(layout: GpuLayout) -> Any:
+def start_gpu_cluster(layout: GpuLayout, dashboard: bool = False) -> Any:
     """A local cluster of ``layout`` (one worker per GPU, see :func:`gpu_worker_specs`)."""
     from distributed import Scheduler, SpecCluster
 
-    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": _dashboard_address()}}
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": _dashboard_address(dashboard)}}
     return SpecCluster(workers=gpu_worker_specs(layout), scheduler=scheduler, silence_logs=logging.ERROR)
 
 
@@ -517,7 +525,7 @@ def open_client(config: RunConfig, gpus: list[str] | None = None) -> Iterator[Ru
 
             gpus = visible_gpus(config.device, torch.cuda.device_count())
         gpu = gpu_layout(config, gpus)
-        cluster = start_gpu_cluster(gpu)
+        cluster = start_gpu_cluster(gpu, config.dashboard)
         torch_threads, device = 1, "cuda"  # each worker sees its own GPU only, as cuda:0
         description = (
             f"local GPU cluster: {gpu.workers} worker(s) on GPU(s) {', '.join(gpu.gpus)} (Dask resource "
@@ -531,7 +539,7 @@ def open_client(config: RunConfig, gpus: list[str] | None = None) -> Iterator[Ru
             threads_per_worker=layout.threads_per_worker,
             processes=True,
             host="127.0.0.1",
-            dashboard_address=_dashboard_address(),
+            dashboard_address=_dashboard_address(config.dashboard),
             silence_logs=logging.ERROR,
         )
         torch_threads, streams = layout.torch_threads, config.engine_streams or layout.engine_streams
@@ -545,7 +553,8 @@ def open_client(config: RunConfig, gpus: list[str] | None = None) -> Iterator[Ru
         try:
             if config.cluster != "local":
                 _wait_for_jobqueue(client, cluster, config.cluster)
-            dashboard = client.dashboard_link if _dashboard_address() else None
+            local = config.cluster == "local"
+            dashboard = client.dashboard_link if _dashboard_address(config.dashboard or not local) else None
             yield RunCluster(client, torch_threads, description, dashboard, device=device, resources=resources,
                              engine_streams=streams)
         finally:

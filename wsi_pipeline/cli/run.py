@@ -104,6 +104,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     dask.add_argument("--retries", type=int, metavar="N", help="retries of a failed tile (2)")
     dask.add_argument("--dask-report", metavar="FILE", help="write Dask's performance report (HTML)")
+    dask.add_argument(
+        "--dashboard", action="store_true", default=None,
+        help="serve Dask's dashboard from the local cluster and log its address (off: it costs each run ~1 s)",
+    )
     out = parser.add_argument_group("outputs")
     out.add_argument("--overwrite", action="store_true", default=None, help="redo slides that are already done")
     out.add_argument("--geojson", choices=("plain", "gz"), help="GeoJSON file: gz (default) or plain")
