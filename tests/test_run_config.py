@@ -60,12 +60,13 @@ def test_every_option_has_a_flag_of_its_name() -> None:
         "lock_wait": "30",
     }
     argv = [part for name, value in flags.items() for part in (f"--{name.replace('_', '-')}", value)]
-    given = _given(parse(*argv, "--overwrite", "--no-progress", "--zarr-image", "--no-skip-glass"))
+    given = _given(parse(*argv, "--overwrite", "--no-progress", "--zarr-image", "--no-skip-glass",
+                         "--dashboard"))
     assert set(given) == set(option_names()) - set(RunConfig.YAML_ONLY)
     config = load_run_config(None, given, environ={})
     assert config.tile_size == 512 and config.bf16 == "auto" and config.scheduler == "tcp://127.0.0.1:8786"
     assert config.overwrite is True and config.progress is False and config.dask_report == Path("dask.html")
-    assert config.zarr_image is True and config.skip_glass is False
+    assert config.zarr_image is True and config.skip_glass is False and config.dashboard is True
 
 
 def test_flags_not_given_are_not_overrides() -> None:
