@@ -137,13 +137,13 @@ def test_the_run_driver_and_the_worker_import_without_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=PACKAGE.parent, timeout=120)
 
 
-def test_the_run_imports_what_its_outputs_defer_while_tiles_run() -> None:
-    """A run imports the writers' and the report's lazily loaded libraries in a background
-    thread once its cluster is up (``outputs.import_deferred_in_background``), so that they
-    are not paid after the last tile; the list names real modules, and none of them is torch."""
+def test_the_run_imports_what_its_outputs_defer_while_workers_warm_up() -> None:
+    """A run imports the writers' and the report's lazily loaded libraries once its workers'
+    warm-up is submitted (``outputs.import_deferred``), so that they are not paid after the
+    last tile; the list names real modules, and none of them is torch."""
     code = (
-        "import sys; from wsi_pipeline.outputs import DEFERRED_IMPORTS, import_deferred_in_background; "
-        "before = set(sys.modules); import_deferred_in_background().join(60); "
+        "import sys; from wsi_pipeline.outputs import DEFERRED_IMPORTS, import_deferred; "
+        "before = set(sys.modules); import_deferred(); "
         "missing = [m for m in DEFERRED_IMPORTS if m not in sys.modules]; assert not missing, missing; "
         "assert any(m not in before for m in DEFERRED_IMPORTS); "
         "import matplotlib; assert matplotlib.get_backend().lower() == 'agg', matplotlib.get_backend(); "

@@ -43,7 +43,7 @@ from wsi_pipeline.batch.one_slide import SlideOutcome, SlideRun, partial_dir, ru
 from wsi_pipeline.batch.plan import inference_config, prepare_model, settings_checksum
 from wsi_pipeline.config import RunConfig
 from wsi_pipeline.errors import ConfigError, Interrupted
-from wsi_pipeline.outputs import import_deferred_in_background
+from wsi_pipeline.outputs import import_deferred
 from wsi_pipeline.outputs.report import write_batch_report
 from wsi_pipeline.schedule import TileBudget, cluster_threads, open_client, performance_report, warm_workers
 
@@ -340,7 +340,7 @@ def run_batch(
             startup = {"model": model_seconds, "cluster": time.perf_counter() - cluster_started}
             infer = inference_config(config, cluster.torch_threads, cluster.device, cluster.engine_streams)
             warming = warm_workers(cluster, str(model.path), infer)
-            import_deferred_in_background()  # the writers' and the report's libraries, while tiles run
+            import_deferred()  # the writers' and the report's libraries, while the workers warm up
             max_in_flight = config.max_in_flight or 2 * threads
             run = SlideRun(
                 config=config,

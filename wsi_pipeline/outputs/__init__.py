@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import threading
 
 # Libraries the writers and the report import only when they first need them (so that other
 # commands start fast), which in a run is after the slide's last tile: about 1 s of imports
@@ -25,23 +23,17 @@ DEFERRED_IMPORTS = (
 
 
 def import_deferred() -> None:
-    """Import :data:`DEFERRED_IMPORTS` (matplotlib with its file-only Agg backend)."""
+    """Import :data:`DEFERRED_IMPORTS` (matplotlib with its file-only Agg backend).
+
+    A run calls it in the driver's main thread once the workers' warm-up is submitted: the
+    imports then overlap the workers' model compilation, not the tail after the last tile.
+    Never from a thread beside the slides' own: two threads importing one package at once
+    can fail inside importlib (``KeyError: 'ome_zarr_models'``, one run in four of the sample
+    svs when this ran in a background thread).
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     for name in DEFERRED_IMPORTS:
         importlib.import_module(name)
 
-
-def import_deferred_in_background() -> threading.Thread:
-    """Start :func:`import_deferred` in a daemon thread: a run calls it once its cluster is up,
-    so the imports happen while the driver mostly waits for tiles, not after the last one.
-    A failure there is not reported (the writer that needs the module raises it itself)."""
-
-    def work() -> None:
-        with contextlib.suppress(Exception):  # the writer's own import raises it, with its context
-            import_deferred()
-
-    thread = threading.Thread(target=work, name="deferred imports", daemon=True)
-    thread.start()
-    return thread
