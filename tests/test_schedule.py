@@ -372,7 +372,6 @@ def test_with_a_gpu_resource_a_tile_is_inference_then_post_processing_off_the_gp
     assert all(seen[k] == {} for k in finish_keys)  # post-processing runs on any thread
 
 
-
 def _status_page(cluster: Any) -> int:
     """The HTTP status of the dashboard's /status page on the local scheduler's web server
     (the server runs either way, for /health; bokeh's pages only with the dashboard)."""

@@ -180,7 +180,7 @@ class RunConfig(BaseModel):
     dashboard: bool = Field(
         False,
         description="serve Dask's dashboard from a local cluster (its address is logged); off by default because "
-        "starting it costs every run about a second, more than the whole engine start-up of a cached model",
+        "starting it costs every local run about a second (bokeh's import and server)",
     )
     max_in_flight: int | None = Field(
         None, ge=1, le=100_000, description="tiles in flight at once, shared by the slides in flight"
