@@ -553,8 +553,8 @@ def open_client(config: RunConfig, gpus: list[str] | None = None) -> Iterator[Ru
         try:
             if config.cluster != "local":
                 _wait_for_jobqueue(client, cluster, config.cluster)
-            local = config.cluster == "local"
-            dashboard = client.dashboard_link if _dashboard_address(config.dashboard or not local) else None
+            served = _dashboard_address(config.dashboard or config.cluster != "local")  # jobqueue: always
+            dashboard = client.dashboard_link if served else None
             yield RunCluster(client, torch_threads, description, dashboard, device=device, resources=resources,
                              engine_streams=streams)
         finally:
