@@ -19,21 +19,23 @@ from PIL import Image
 
 from wsi_pipeline.classes import CONSEP_CLASSES
 from wsi_pipeline.data.gt_maps import GroundTruthMaps
-from wsi_pipeline.engine.infer import InferenceConfig, Maps, TileInferer
+from wsi_pipeline.engine.infer import InferenceConfig, Maps, window_grid
 from wsi_pipeline.engine.model import ChannelSpec, HoVerNet
 from wsi_pipeline.engine.postproc import PostprocConfig
 from wsi_pipeline.engine.weights import save_model
+from wsi_pipeline.engine.window_cache import shared_cache
+from wsi_pipeline.shares import plan_shares, tile_windows
 from wsi_pipeline.slide._image import ArraySlide
 from wsi_pipeline.slide.base import SlideSpec
 from wsi_pipeline.slide.pyramid import write_pyramid
-from wsi_pipeline.tiling import tile_grid
+from wsi_pipeline.tiling import PixelBox, Tile, tile_grid
 from wsi_pipeline.worker import (
     TileResult,
     TileTask,
     cache_info,
     clear_caches,
     default_margin,
-    model_maps,
+    infer_tile,
     postproc_reach,
     process_tile,
 )
@@ -68,56 +70,99 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 # ----------------------------------------------------------------------------- margin
-def test_default_margin_adds_nucleus_postproc_and_network_reach() -> None:
+def test_default_margin_adds_nucleus_and_postproc_reach() -> None:
+    """The network's context is read beyond the margin by the grid's windows, so the margin
+    is the nucleus and the post-processing only, whatever the model's mode."""
     fast = tiny_model()
     assert postproc_reach() == 10 + 4 + 1
     assert postproc_reach(PostprocConfig(sobel_ksize=11, marker_open_size=3)) == 5 + 2 + 1
-    # 25 µm at 0.25 µm/px = 100 px, + 15 + 46 = 161, rounded up to the 8 px stride grid
-    assert default_margin(fast, mpp=0.25) == 168
-    assert default_margin(fast, mpp=0.25, max_nucleus_um=30) == 184  # 120 + 61 = 181
+    # 25 µm at 0.25 µm/px = 100 px, + 15 = 115, rounded up to the 8 px stride grid
+    assert default_margin(fast, mpp=0.25) == 120
+    assert default_margin(fast, mpp=0.25, max_nucleus_um=30) == 136  # 120 + 15 = 135
     fast.meta = {"mpp": 0.5}
-    assert default_margin(fast) == 112  # 50 + 61 = 111
+    assert default_margin(fast) == 72  # 50 + 15 = 65
     original = HoVerNet("original", 5, ChannelSpec.scaled(0.0625, "original", round_to=4))
-    assert (original.input_size, original.output_size) == (270, 80)
-    assert default_margin(original, mpp=0.25) == 216  # 100 + 15 + 95 = 210
+    assert default_margin(original, mpp=0.25) == 120
     with pytest.raises(ValueError):
         default_margin(fast, mpp=0.0)
 
 
 # ----------------------------------------------------------------------------- engine maps
-def test_aligned_patch_grid_gives_the_whole_image_maps(crop: tuple[np.ndarray, np.ndarray]) -> None:
-    """A tile's maps equal a whole-image run's wherever its windows see real pixels.
+GRID_WINDOW = 256  # 164 px out, trim 10: a 144 px step, so a 492 px slide is a 4 x 4 grid
 
-    Tile (1, 1) of a 150 px grid with 100 px margin reads [50, 400)^2, 2 px off the
-    stride grid; aligned, the pixels [164, 328) are predicted at the whole image's
-    stride phase and agree with it. Without alignment the same pixels fall on another
-    phase and a random network disagrees wildly.
-    """
-    image = np.ascontiguousarray(crop[0][:492, :492])
-    inferer = TileInferer(tiny_model(), InferenceConfig(threads=1))
-    whole = inferer.infer(image)
-    tile = next(t for t in tile_grid(492, 492, 0.25, 0.25, 150, 100) if (t.row, t.col) == (1, 1))
-    read = tile.read
-    assert (read.x0, read.y0, read.x1, read.y1) == (50, 50, 400, 400)
-    rgb = image[read.y0 : read.y1, read.x0 : read.x1]
-    aligned = model_maps(inferer, rgb, read)
-    unaligned = inferer.infer(rgb)
-    assert aligned.np_prob.shape == unaligned.np_prob.shape == (350, 350)
-    local = (slice(164 - 50, 328 - 50),) * 2
-    world = (slice(164, 328),) * 2
 
-    def gap(maps: Maps) -> float:
-        return max(
-            float(np.abs(maps.np_prob[local] - whole.np_prob[world]).max()),
-            float(np.abs(maps.tp_prob[(slice(None), *local)] - whole.tp_prob[(slice(None), *world)]).max()),
-            float(np.abs(maps.hv[(slice(None), *local)] - whole.hv[(slice(None), *world)]).max())
-            / float(np.abs(whole.hv).max()),
-        )
+def _grid_run(slide: Path, model_path: str, tile_px: int, margin: int, *, share: bool = True,
+              threads: int = 1) -> tuple[list[Maps], list[Tile]]:
+    """Every tile's maps of a 492 px slide, tiles run by ``threads`` task threads of this process."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    # Different windows (one whole-image window vs the tile's), same stride phase: measured
-    # 1e-4 with this random network (trained ones are tamer, see test_infer's window test).
-    assert gap(aligned) <= 1e-3
-    assert gap(unaligned) > 0.1  # measured: 1.0
+    tiles = tile_grid(492, 492, 0.25, 0.25, tile_px, margin)
+    config = InferenceConfig(threads=1, window=GRID_WINDOW)
+    grid = window_grid(tiny_model(), GRID_WINDOW)
+    shares = plan_shares(tiles, grid) if share else {}
+    tasks = [TileTask(SlideSpec(str(slide)), t, model_path, 0.25, config, shares=shares.get(t.index, ()))
+             for t in tiles]
+    with ThreadPoolExecutor(threads) as pool:
+        maps = [made.maps for made in pool.map(infer_tile, tasks)]
+    return maps, tiles
+
+
+@pytest.fixture(scope="module")
+def grid_slide(crop: tuple[np.ndarray, np.ndarray], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("grid") / "crop.tif"
+    write_pyramid(ArraySlide(np.ascontiguousarray(crop[0][:492, :492]), mpp=0.25), path)
+    return path
+
+
+def _gap(maps: Maps, whole: Maps, read: PixelBox) -> float:
+    box = (slice(read.y0, read.y1), slice(read.x0, read.x1))
+    return max(
+        float(np.abs(maps.np_prob - whole.np_prob[box]).max()),
+        float(np.abs(maps.hv - whole.hv[(slice(None), *box)]).max()),
+        float(np.abs(maps.tp_prob - whole.tp_prob[(slice(None), *box)]).max()),
+    )
+
+
+def test_tiles_cut_their_maps_from_one_slide_wide_window_grid(grid_slide: Path, model_path: str) -> None:
+    """Every tile's maps are the whole slide's maps over its read region, margins included,
+    because every tile is cut from the same windows; and a window under a tile border is
+    computed once and read by its other tiles from the process' cache, which is empty
+    once its last reader is done.
+
+    4 tiles of 246 px with 100 px margins on a 4 x 4 grid of 144 px windows: each tile
+    reads 3 x 3 windows, 36 reads of 16 windows."""
+    clear_caches()
+    whole, _ = _grid_run(grid_slide, model_path, 492, 0)
+    assert (whole[0].windows_run, whole[0].windows_total) == (16, 16)
+    clear_caches()
+    maps, tiles = _grid_run(grid_slide, model_path, 246, 100)
+    assert [(m.windows_total) for m in maps] == [9, 9, 9, 9]
+    assert sum(m.windows_run for m in maps) == 16  # each window once
+    assert sum(m.windows_reused for m in maps) == 36 - 16
+    assert len(shared_cache()) == 0 and shared_cache().bytes == 0  # the last readers freed them
+    for tile, tile_maps in zip(tiles, maps, strict=True):
+        # The same windows in other batches: equal but for the kernels' batch-dependent rounding.
+        assert _gap(tile_maps, whole[0], tile.read) <= 1e-5
+
+    clear_caches()  # without the plan nothing is shared: the same maps, each tile computing its own
+    alone, _ = _grid_run(grid_slide, model_path, 246, 100, share=False)
+    assert sum(m.windows_run for m in alone) == 36 and sum(m.windows_reused for m in alone) == 0
+    for tile, tile_maps in zip(tiles, alone, strict=True):
+        assert _gap(tile_maps, whole[0], tile.read) <= 1e-5
+
+
+def test_task_threads_compute_a_shared_window_once(grid_slide: Path, model_path: str) -> None:
+    """Two task threads on neighbouring tiles at once: a window one thread is computing is
+    waited for by the other, never computed twice, and the maps are those of one thread."""
+    clear_caches()
+    one, _ = _grid_run(grid_slide, model_path, 164, 48)
+    clear_caches()
+    two, tiles = _grid_run(grid_slide, model_path, 164, 48, threads=2)
+    distinct = {(i, j) for tile in tiles for i, j, _ in tile_windows(tile, window_grid(tiny_model(), GRID_WINDOW))}
+    assert sum(m.windows_run for m in two) == len(distinct) == sum(m.windows_run for m in one)
+    assert len(shared_cache()) == 0
+    for a, b in zip(one, two, strict=True):
+        assert np.array_equal(a.np_prob, b.np_prob) and np.array_equal(a.hv, b.hv)
 
 
 # ----------------------------------------------------------------------------- with a model

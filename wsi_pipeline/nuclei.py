@@ -96,7 +96,8 @@ class TileResult:
     corner in slide-global target pixels, same values. ``seconds``: {"setup", "read",
     "infer", "postprocess"}; the last includes ownership and the geometry conversions.
     ``engine``: how the maps were computed, e.g. ``"openvino bf16"`` (reports count them).
-    ``windows``: (computed, total) network windows over the read region (glass is skipped).
+    ``windows``: (computed, total, reused) network windows meeting the read region: computed
+    here, all of them, and those a neighbouring tile computed (the rest lay on glass).
     """
 
     index: int
@@ -107,4 +108,4 @@ class TileResult:
     seconds: dict[str, float]
     worker: str
     engine: str = ""
-    windows: tuple[int, int] = (0, 0)
+    windows: tuple[int, ...] = (0, 0, 0)

@@ -89,7 +89,7 @@ class StitchStats:
     tile_seconds: list[float] = field(default_factory=list)
     workers: dict[str, int] = field(default_factory=dict)
     engines: dict[str, int] = field(default_factory=dict)
-    windows: dict[str, int] = field(default_factory=lambda: {"computed": 0, "total": 0})
+    windows: dict[str, int] = field(default_factory=lambda: {"computed": 0, "total": 0, "reused": 0})
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -218,6 +218,7 @@ class Stitcher:
             stats.engines[result.engine] = stats.engines.get(result.engine, 0) + 1
         stats.windows["computed"] += int(result.windows[0])
         stats.windows["total"] += int(result.windows[1])
+        stats.windows["reused"] += int(result.windows[2]) if len(result.windows) > 2 else 0
         for stage in ("setup", "read", "infer", "postprocess"):
             stats.seconds[stage] += float(result.seconds.get(stage, 0.0))
         stats.tile_seconds.append(sum(float(result.seconds.get(s, 0.0)) for s in ("read", "infer", "postprocess")))

@@ -31,23 +31,24 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from wsi_pipeline.engine.header import describe_file
-from wsi_pipeline.engine.infer import ALIGN, InferenceConfig, Maps, TileInferer
+from wsi_pipeline.engine.infer import ALIGN, InferenceConfig, Maps, TileInferer, WindowGrid
 from wsi_pipeline.engine.postproc import PostprocConfig, postprocess
 from wsi_pipeline.engine.registry import resolve_model
+from wsi_pipeline.engine.window_cache import CachedWindow, WindowCache, shared_cache
 from wsi_pipeline.nuclei import Nucleus, TileResult
+from wsi_pipeline.shares import WindowShare, tile_windows
 from wsi_pipeline.slide.base import Slide, SlideSpec
 from wsi_pipeline.slide.tissue import TissueCrop
-from wsi_pipeline.tiling import PixelBox, Tile
+from wsi_pipeline.tiling import Tile
 
 __all__ = [
     "MAX_NUCLEUS_UM",
     "MapsFn",
-    "PatchGeometry",
     "TileResult",
     "TileTask",
     "cache_info",
@@ -56,9 +57,9 @@ __all__ = [
     "default_margin",
     "finish_tile",
     "get_inferer",
+    "grid_maps",
     "warm_engine",
     "infer_tile",
-    "model_maps",
     "postproc_reach",
     "process_tile",
 ]
@@ -80,9 +81,11 @@ class TileTask:
     """Everything a worker needs for one tile; paths and numbers only, so it pickles.
 
     ``model_path`` is the resolved checkpoint file; ``mpp`` the inference µm/px (the
-    tile grid's target resolution). ``tissue``: the slide's tissue mask under the read
-    region; network windows farther than :data:`MAX_NUCLEUS_UM` from any tissue are not
-    computed (``None``: every window is).
+    tile grid's target resolution). ``tissue``: the slide's tissue mask under the tile's
+    network windows and :data:`MAX_NUCLEUS_UM` around them (:func:`tissue_extent`);
+    windows farther than that from any tissue are not computed (``None``: every window is).
+    ``shares``: the windows this tile shares with the slide's other tiles
+    (:func:`wsi_pipeline.shares.plan_shares`; empty: nothing is left for anyone).
     """
 
     slide: SlideSpec
@@ -92,17 +95,30 @@ class TileTask:
     infer: InferenceConfig = field(default_factory=InferenceConfig)
     postproc: PostprocConfig = field(default_factory=PostprocConfig)
     tissue: TissueCrop | None = None
+    shares: tuple[WindowShare, ...] = ()
 
     def glass_reach(self) -> int:
         """Pixels from tissue within which windows are computed (:data:`MAX_NUCLEUS_UM`)."""
-        return math.ceil(MAX_NUCLEUS_UM / self.mpp)
+        return glass_reach(self.mpp)
 
-    def tissue_pixels(self) -> np.ndarray | None:
-        """The tissue mask on the read region's own pixels (``None`` without a mask)."""
-        if self.tissue is None:
-            return None
-        read, tile = self.tile.read, self.tile
-        return self.tissue.on_grid(read.x0, read.y0, read.width, read.height, tile.scale_x, tile.scale_y)
+
+def glass_reach(mpp: float) -> int:
+    """Pixels (at ``mpp``) from tissue within which network windows are computed: a nucleus
+    reaches at most :data:`MAX_NUCLEUS_UM` from its tissue."""
+    return math.ceil(MAX_NUCLEUS_UM / mpp)
+
+
+def tissue_extent(tile: Tile, grid: WindowGrid, mpp: float) -> tuple[float, float, float, float]:
+    """The level-0 box (x0, y0, x1, y1) whose tissue decides which of ``tile``'s windows run:
+    the windows meeting its read region and the glass reach around them. The driver crops
+    the tissue mask to it for the task (:attr:`TileTask.tissue`)."""
+    windows = tile_windows(tile, grid)
+    reach = glass_reach(mpp)
+    x0 = min(j for _, j, _ in windows) * grid.step - reach
+    y0 = min(i for i, _, _ in windows) * grid.step - reach
+    x1 = (max(j for _, j, _ in windows) + 1) * grid.step + reach
+    y1 = (max(i for i, _, _ in windows) + 1) * grid.step + reach
+    return (max(x0, 0) * tile.scale_x, max(y0, 0) * tile.scale_y, x1 * tile.scale_x, y1 * tile.scale_y)
 
 
 # (rgb of the read region, task) -> maps of the same height/width.
@@ -196,13 +212,14 @@ def cache_info() -> dict[str, int]:
 
 
 def clear_caches() -> None:
-    """Close this thread's slides and drop every cached model (tests, memory pressure)."""
+    """Close this thread's slides, drop every cached model and shared window (tests, memory pressure)."""
     cache = _slide_cache()
     while cache:
         _, slide = cache.popitem()
         slide.close()
     with _models_lock:
         _inferers.clear()
+    shared_cache().clear()
     with _counts_lock:
         for key in _counts:
             _counts[key] = 0
@@ -221,15 +238,8 @@ def postproc_reach(config: PostprocConfig | None = None) -> int:
     return cfg.sobel_ksize // 2 + 2 * (cfg.marker_open_size // 2) + 1
 
 
-class PatchGeometry(Protocol):
-    """What :func:`default_margin` needs of a model: HoVer-Net's patch sizes."""
-
-    input_size: int
-    output_size: int
-
-
 def default_margin(
-    model: PatchGeometry,
+    model: object,
     postproc: PostprocConfig | None = None,
     *,
     mpp: float | None = None,
@@ -238,33 +248,27 @@ def default_margin(
     """Margin (px at the inference µm/px) that keeps every owned nucleus whole and away
     from the read edge, rounded up to a multiple of the encoder's stride (8 px).
 
-    Sum of three reaches, from the core edge outwards:
+    Sum of two reaches, from the core edge outwards:
 
     * the nucleus: an owned nucleus has its centroid in the core, and reaches at most
       ``max_nucleus_um`` from it (:data:`MAX_NUCLEUS_UM`: 25 µm, above the largest
       centroid-to-boundary distance measured on 23k annotated nuclei);
-    * the post-processing: :func:`postproc_reach` (15 px with the defaults);
-    * the network: the engine mirrors the image at the read edge, so a pixel's
-      prediction is only the whole-slide one if its own context, ``(input - output)
-      / 2`` px (46 for HoVer-Net fast), is real tissue.
+    * the post-processing: :func:`postproc_reach` (15 px with the defaults).
 
-    Rounded up to a multiple of :data:`~wsi_pipeline.engine.infer.ALIGN` because the
-    worker puts the engine's windows on the slide-wide stride grid (see
-    :func:`process_tile`), which costs nothing when the read origin already lies on it,
-    i.e. when both the tile size and the margin are multiples of 8. HoVer-Net fast at
-    0.25 µm/px: 100 + 15 + 46 = 161 -> 168 px.
+    The network's own context is not part of it: a tile's maps are cut from the slide-wide
+    window grid (:func:`grid_maps`), whose windows read their context from the slide itself,
+    beyond the margin, so the maps at the read edge are already the whole slide's.
+    Rounded up to a multiple of :data:`~wsi_pipeline.engine.infer.ALIGN` so that tile
+    reads stay on the stride grid. HoVer-Net at 0.25 µm/px: 100 + 15 = 115 -> 120 px.
 
-    ``model``: a loaded HoVer-Net, or anything with ``input_size``/``output_size``
-    (and a ``meta["mpp"]`` when ``mpp`` is not given).
+    ``model``: anything with a ``meta["mpp"]`` when ``mpp`` is not given.
     """
     if mpp is None:
         meta: dict[str, Any] = getattr(model, "meta", None) or {}
         mpp = float(meta.get("mpp", 0.25))
     if not (mpp > 0 and max_nucleus_um >= 0):
         raise ValueError(f"mpp must be > 0 and max_nucleus_um >= 0, got {mpp}, {max_nucleus_um}")
-    input_size, output_size = int(model.input_size), int(model.output_size)
-    context = (input_size - output_size) // 2
-    need = math.ceil(max_nucleus_um / mpp - 1e-9) + postproc_reach(postproc) + context
+    need = math.ceil(max_nucleus_um / mpp - 1e-9) + postproc_reach(postproc)
     return math.ceil(need / ALIGN) * ALIGN
 
 
@@ -284,7 +288,7 @@ class TileMaps:
 
 
 def infer_tile(task: TileTask, maps_fn: MapsFn | None = None) -> TileMaps:
-    """Read the tile's region and compute its NP/HV/TP maps (see :func:`process_tile`).
+    """Compute the NP/HV/TP maps of the tile's read region (see :func:`process_tile`).
 
     Start-up is its own stage: the model load and runtime conversion of a worker's first
     tile, and each new window shape's compilation, are counted in "setup", not "infer".
@@ -293,23 +297,27 @@ def infer_tile(task: TileTask, maps_fn: MapsFn | None = None) -> TileMaps:
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     slide = _open_slide(task.slide)
-    rgb = slide.read_region_at(tile.read_level0.x0, tile.read_level0.y0, tile.read.width, tile.read.height, task.mpp)
-    seconds["read"] = time.perf_counter() - start
     engine = ""
     if maps_fn is not None:
+        rgb = slide.read_region_at(
+            tile.read_level0.x0, tile.read_level0.y0, tile.read.width, tile.read.height, task.mpp
+        )
+        seconds["read"] = time.perf_counter() - start
         start = time.perf_counter()
         maps = maps_fn(rgb, task)
         seconds["infer"] = time.perf_counter() - start
     else:
+        opened = time.perf_counter() - start
         start = time.perf_counter()
         inferer = get_inferer(task.model_path, task.infer)
         compiled_before = float(getattr(inferer.runtime, "compile_seconds", 0.0))
         seconds["setup"] = time.perf_counter() - start
         start = time.perf_counter()
-        maps = model_maps(inferer, rgb, tile.read, task.tissue_pixels(), task.glass_reach())
+        maps, read_seconds = grid_maps(inferer, slide, task)
         compiled = float(getattr(inferer.runtime, "compile_seconds", 0.0)) - compiled_before
+        seconds["read"] = opened + read_seconds
         seconds["setup"] += compiled
-        seconds["infer"] = time.perf_counter() - start - compiled
+        seconds["infer"] = time.perf_counter() - start - compiled - read_seconds
         engine = f"{inferer.runtime.name} {inferer.runtime.precision}"
     if maps.np_prob.shape != (tile.read.height, tile.read.width):
         raise ValueError(f"maps of shape {maps.np_prob.shape} for a {tile.read.height}x{tile.read.width} read region")
@@ -325,7 +333,7 @@ def finish_tile(task: TileTask, made: TileMaps) -> TileResult:
     slide_w, slide_h = _open_slide(task.slide).size_at(task.mpp)
     start = time.perf_counter()
     maps = made.maps
-    windows = (int(maps.windows_run), int(maps.windows_total))
+    windows = (int(maps.windows_run), int(maps.windows_total), int(maps.windows_reused))
     post = postprocess(maps.np_prob, maps.hv, maps.tp_prob, config=task.postproc, mpp=task.mpp)
     del maps  # the float maps are the bulk of a tile's memory; only labels are needed now
     made.maps = None  # type: ignore[assignment]
@@ -346,48 +354,183 @@ def process_tile(task: TileTask, maps_fn: MapsFn | None = None) -> TileResult:
     for alternative engines such as maps derived from ground-truth labels (stitching
     checks, post-processing upper bounds); with it, ``task.model_path`` is not loaded.
 
-    The engine's windows are aligned to the slide's stride grid: the read image is
-    mirrored by ``read.x0 % 8`` (and y) px on the left/top before inference and the maps
-    cropped back, so every window sees its pixels at the phase a whole-slide run would.
-    Without that, a prediction would depend on the tiling (the encoder's stride-8
-    sampling; see :mod:`wsi_pipeline.engine.infer`). Nothing is padded when tile size
-    and margin are multiples of 8 (:func:`default_margin` is).
+    The model's maps are cut from the slide-wide window grid (:func:`grid_maps`): every
+    window sits on the same phase of the encoder's stride grid and reads its context from
+    the slide, so a pixel's prediction does not depend on the tiling (see
+    :mod:`wsi_pipeline.engine.infer`), and windows under tile borders are computed once.
     """
     return finish_tile(task, infer_tile(task, maps_fn))
 
 
-def model_maps(
-    inferer: TileInferer, rgb: np.ndarray, read: PixelBox, tissue: np.ndarray | None = None, reach: int = 0
-) -> Maps:
-    """The engine's maps for the read region, its windows on the slide-wide stride grid.
+Box = tuple[int, int, int, int]
+WindowMaps = dict[str, np.ndarray]
 
-    ``tissue`` (bool, the read region's pixels) and ``reach``: windows on glass are left out
-    (:meth:`TileInferer.infer`)."""
-    height, width = rgb.shape[:2]
-    step = ALIGN
-    sx, sy = read.x0 % step, read.y0 % step
-    # A read smaller than the engine accepts (a sliver of a tiny slide) is padded with
-    # glass-white below/right; those pixels are cropped away with the rest.
-    grow_h = max(0, inferer.min_side - (height + sy))
-    grow_w = max(0, inferer.min_side - (width + sx))
-    if sx or sy:
-        rgb = np.pad(rgb, ((sy, 0), (sx, 0), (0, 0)), mode="symmetric")
-        if tissue is not None:
-            tissue = np.pad(tissue, ((sy, 0), (sx, 0)), mode="symmetric")
-    if grow_h or grow_w:
-        rgb = np.pad(rgb, ((0, grow_h), (0, grow_w), (0, 0)), constant_values=255)
-        if tissue is not None:
-            tissue = np.pad(tissue, ((0, grow_h), (0, grow_w)), constant_values=False)
-    maps = inferer.infer(rgb, tissue, reach)
-    if not (sx or sy or grow_h or grow_w):
-        return maps
-    window = (slice(sy, sy + height), slice(sx, sx + width))
-    return Maps(
-        np_prob=np.ascontiguousarray(maps.np_prob[window]),
-        hv=np.ascontiguousarray(maps.hv[(slice(None), *window)]),
-        tp_prob=None if maps.tp_prob is None else np.ascontiguousarray(maps.tp_prob[(slice(None), *window)]),
-        windows_run=maps.windows_run,
-        windows_total=maps.windows_total,
+
+def _reflect(coords: np.ndarray, size: int) -> np.ndarray:
+    """Slide coordinates for ``coords`` that may lie beyond ``[0, size)``, mirrored about
+    the edge pixels (numpy's "reflect" padding, repeated as often as needed)."""
+    if size == 1:
+        return np.zeros_like(coords)
+    period = 2 * size - 2
+    folded = np.mod(coords, period)
+    return np.where(folded < size, folded, period - folded)
+
+
+def _read_mirrored(slide: Slide, tile: Tile, mpp: float, box: Box, size: tuple[int, int]) -> np.ndarray:
+    """RGB of the slide px ``box`` at ``mpp``, the parts beyond the slide mirrored about its
+    edge. Mirrored slide-wide, not per read, so a window at the slide's edge sees the same
+    pixels whichever tile reads it (what a whole-slide run would feed the network)."""
+    x0, y0, x1, y1 = box
+    width, height = size
+    if x0 >= 0 and y0 >= 0 and x1 <= width and y1 <= height:
+        return slide.read_region_at(x0 * tile.scale_x, y0 * tile.scale_y, x1 - x0, y1 - y0, mpp)
+    xs, ys = _reflect(np.arange(x0, x1), width), _reflect(np.arange(y0, y1), height)
+    lx, ly = int(xs.min()), int(ys.min())
+    region = slide.read_region_at(lx * tile.scale_x, ly * tile.scale_y, int(xs.max()) + 1 - lx, int(ys.max()) + 1 - ly,
+                                  mpp)
+    return region[np.ix_(ys - ly, xs - lx)]
+
+
+def _near_tissue(task: TileTask, grid: WindowGrid, windows: list[tuple[int, int, Box]],
+                 size: tuple[int, int]) -> list[tuple[int, int, Box]]:
+    """The windows with tissue within the glass reach of the px they contribute: glass holds
+    no nuclei, and one whose pixels reach into such a window is still computed whole. The
+    decision depends only on the slide-wide tissue mask, so every tile decides alike."""
+    if task.tissue is None:
+        return windows
+    tile, reach = task.tile, task.glass_reach()
+    width, height = size
+    x0 = max(min(j for _, j, _ in windows) * grid.step - reach, 0)
+    y0 = max(min(i for i, _, _ in windows) * grid.step - reach, 0)
+    x1 = min((max(j for _, j, _ in windows) + 1) * grid.step + reach, width)
+    y1 = min((max(i for i, _, _ in windows) + 1) * grid.step + reach, height)
+    mask = task.tissue.on_grid(x0, y0, x1 - x0, y1 - y0, tile.scale_x, tile.scale_y)
+    kept = []
+    for i, j, part in windows:
+        cx0, cy0, cx1, cy1 = grid.contributed(i, j)
+        rows = slice(max(cy0 - reach - y0, 0), max(min(cy1, height) + reach - y0, 0))
+        cols = slice(max(cx0 - reach - x0, 0), max(min(cx1, width) + reach - x0, 0))
+        if mask[rows, cols].any():
+            kept.append((i, j, part))
+    return kept
+
+
+def _compute_windows(
+    inferer: TileInferer, slide: Slide, task: TileTask, grid: WindowGrid, todo: list[tuple[int, int]],
+    size: tuple[int, int],
+) -> tuple[dict[tuple[int, int], WindowMaps], float]:
+    """The maps of grid windows ``todo`` (each step x step px), read in one piece, and the
+    seconds spent reading."""
+    s, border, side = grid.step, grid.border, grid.input_side
+    x0 = min(j for _, j in todo) * s - border
+    y0 = min(i for i, _ in todo) * s - border
+    x1 = (max(j for _, j in todo) + 1) * s + border
+    y1 = (max(i for i, _ in todo) + 1) * s + border
+    start = time.perf_counter()
+    rgb = _read_mirrored(slide, task.tile, task.mpp, (x0, y0, x1, y1), size)
+    read_seconds = time.perf_counter() - start
+    out: dict[tuple[int, int], WindowMaps] = {}
+    batch_size = inferer.config.batch_size
+    for first in range(0, len(todo), batch_size):
+        chunk = todo[first : first + batch_size]
+        batch = np.stack([rgb[i * s - border - y0 : i * s - border - y0 + side,
+                              j * s - border - x0 : j * s - border - x0 + side] for i, j in chunk])
+        pred = inferer.predict_grid(batch)
+        for k, key in enumerate(chunk):
+            out[key] = {name: value[k] for name, value in pred.items()}
+    return out, read_seconds
+
+
+def grid_maps(
+    inferer: TileInferer, slide: Slide, task: TileTask, cache: WindowCache | None = None
+) -> tuple[Maps, float]:
+    """The maps of the tile's read region, cut from the slide-wide window grid, and the
+    seconds spent reading the slide.
+
+    Each window meeting the read region comes from one of three places: glass (not
+    computed, read as background: NP 0, HV 0, type 0 certain), this process' window cache
+    (a neighbouring tile computed it and left this tile's part, :attr:`TileTask.shares`),
+    or the network. Windows this tile computes and shares are left in the cache for the
+    other tiles that read them. A window another task thread is computing is waited for,
+    after this tile has computed its own, so two threads never wait on each other.
+    """
+    cache = cache if cache is not None else shared_cache()
+    tile, read = task.tile, task.tile.read
+    grid = inferer.grid
+    size = slide.size_at(task.mpp)
+    windows = tile_windows(tile, grid)
+    kept = _near_tissue(task, grid, windows, size)
+    shares = {(share.i, share.j): share for share in task.shares}
+    np_prob = np.zeros((read.height, read.width), np.float32)
+    hv = np.zeros((2, read.height, read.width), np.float32)
+    tp_prob = None if inferer.num_types is None else np.zeros((inferer.num_types, read.height, read.width), np.float32)
+    if tp_prob is not None:
+        tp_prob[0] = 1.0
+
+    def place(part: Box, origin: tuple[int, int], source: WindowMaps | CachedWindow) -> None:
+        x0, y0, x1, y1 = part
+        dst = (slice(y0 - read.y0, y1 - read.y0), slice(x0 - read.x0, x1 - read.x0))
+        src = (slice(y0 - origin[1], y1 - origin[1]), slice(x0 - origin[0], x1 - origin[0]))
+        maps = source if isinstance(source, dict) else vars(source)
+        np_prob[dst] = maps["np_prob"][src]
+        hv[(slice(None), *dst)] = maps["hv"][(slice(None), *src)]
+        if tp_prob is not None:
+            tp_prob[(slice(None), *dst)] = maps["tp_prob"][(slice(None), *src)]
+
+    def key(i: int, j: int) -> tuple[Any, ...]:
+        return (task.slide, task.mpp, task.model_path, task.infer, grid, i, j)
+
+    claimed: set[tuple[int, int]] = set()
+    computed = reused = 0
+    read_seconds = 0.0
+    parts = {(i, j): part for i, j, part in kept}
+    pending = list(parts)
+    try:
+        while pending:
+            todo, waits = [], []
+            for ij in pending:
+                got = cache.acquire(key(*ij)) if ij in shares else None
+                if isinstance(got, threading.Event):
+                    waits.append((ij, got))
+                elif isinstance(got, CachedWindow) and got.covers(parts[ij]):
+                    place(parts[ij], got.box[:2], got)
+                    reused += 1
+                else:  # a miss (claimed if shared) or an entry that lacks this tile's part
+                    if got is None and ij in shares:
+                        claimed.add(ij)
+                    todo.append(ij)
+            if todo:
+                fresh, seconds = _compute_windows(inferer, slide, task, grid, todo, size)
+                read_seconds += seconds
+                computed += len(todo)
+                for ij, maps in fresh.items():
+                    origin = grid.contributed(*ij)[:2]
+                    place(parts[ij], origin, maps)
+                    if ij in claimed:
+                        cache.publish(key(*ij), _leave(shares[ij], origin, maps))
+                        claimed.discard(ij)
+            for _, event in waits:
+                event.wait()
+            pending = [ij for ij, _ in waits]
+    finally:
+        for ij in claimed:
+            cache.abandon(key(*ij))
+    maps = Maps(np_prob=np_prob, hv=hv, tp_prob=tp_prob, windows_run=computed, windows_total=len(windows),
+                windows_reused=reused)
+    return maps, read_seconds
+
+
+def _leave(share: WindowShare, origin: tuple[int, int], maps: WindowMaps) -> CachedWindow:
+    """The part of a freshly computed window that the other tiles read, copied out of the batch."""
+    x0, y0, x1, y1 = share.box
+    src = (slice(y0 - origin[1], y1 - origin[1]), slice(x0 - origin[0], x1 - origin[0]))
+    tp = maps.get("tp_prob")
+    return CachedWindow(
+        box=share.box,
+        np_prob=maps["np_prob"][src].copy(),
+        hv=maps["hv"][(slice(None), *src)].copy(),
+        tp_prob=None if tp is None else tp[(slice(None), *src)].copy(),
+        readers=share.readers,
     )
 
 

@@ -124,7 +124,7 @@ def decode_result(arrays: Any) -> TileResult:
         seconds=dict(meta["seconds"]),
         worker=str(meta["worker"]),
         engine=str(meta["engine"]),
-        windows=(int(meta["windows"][0]), int(meta["windows"][1])) if "windows" in meta else (0, 0),
+        windows=tuple(int(n) for n in meta.get("windows", ())) + (0, 0, 0)[len(meta.get("windows", ())):],
     )
 
 

@@ -135,7 +135,9 @@ def engine_description(
 ) -> dict[str, Any]:
     """What ran the network: the options asked for and, per "runtime precision", how many
     tiles each computed (a worker falls back to torch where OpenVINO cannot convert), and
-    how many network windows were computed of those covering the tiles (glass is skipped)."""
+    the network windows: computed, reused (read by a tile from the neighbour that computed
+    them), total (meeting each tile's read region, so a shared window counts once per tile)
+    and skipped (on glass)."""
     out: dict[str, Any] = {
         "runtime": config.runtime,
         "bf16": config.bf16,
@@ -144,7 +146,8 @@ def engine_description(
         "skip_glass": config.skip_glass,
     }
     if windows is not None:
-        out["windows"] = {**windows, "skipped": int(windows.get("total", 0)) - int(windows.get("computed", 0))}
+        done = int(windows.get("computed", 0)) + int(windows.get("reused", 0))
+        out["windows"] = {**windows, "skipped": int(windows.get("total", 0)) - done}
     from wsi_pipeline.engine.infer import bf16_native_note  # torch: loaded by prepare_model by now
 
     note = bf16_native_note(config.bf16, config.device, used)
@@ -177,8 +180,9 @@ def process_slide(
     from wsi_pipeline.outputs.qc import NucleiQC, choose_crops, qc_warnings, read_crops
     from wsi_pipeline.outputs.report import NucleiDensity, per_class_counts, write_report
     from wsi_pipeline.outputs.zarr_store import NucleiZarr
+    from wsi_pipeline.shares import plan_shares
     from wsi_pipeline.stitch import Stitcher
-    from wsi_pipeline.worker import TileTask
+    from wsi_pipeline.worker import TileTask, tissue_extent
 
     config, model = run.config, run.model
     started = time.perf_counter()
@@ -215,13 +219,16 @@ def process_slide(
     stitcher = Stitcher(tiles, store, [geojson, table, store, density, qc], job.name, model.checksum)
     infer = inference_config(config, run.cluster.torch_threads, run.cluster.device, run.cluster.engine_streams)
     saved = checkpoint.bind(tiles) if checkpoint is not None else set()
+    grid = model.grid
+    todo = [tile for tile in tiles if tile.index not in saved]
+    shares = plan_shares(todo, grid)
     tasks = (
         TileTask(
             spec, tile, str(model.path), model.mpp, infer, model.postproc,
-            tissue.crop(*tile.read_level0.as_list()) if config.skip_glass else None,
+            tissue.crop(*tissue_extent(tile, grid, model.mpp)) if config.skip_glass else None,
+            shares.get(tile.index, ()),
         )
-        for tile in tiles
-        if tile.index not in saved
+        for tile in todo
     )
     nuclei_seen = 0
     checkpoint_seconds = 0.0

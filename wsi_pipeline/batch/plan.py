@@ -14,6 +14,7 @@ from typing import Any
 
 from wsi_pipeline.batch.marker import OUTPUT_FORMAT
 from wsi_pipeline.config import RunConfig, checksum, file_checksum
+from wsi_pipeline.engine.infer import WindowGrid
 from wsi_pipeline.engine.postproc import PostprocConfig
 from wsi_pipeline.engine.settings import ALIGN, InferenceConfig
 from wsi_pipeline.slide import DEFAULT_MASK_MPP
@@ -41,9 +42,10 @@ class ModelInfo:
     output_size: int
     margin: int
     tile_size: int
+    window: int  # the network input side the workers use (resolved --window)
+    grid: WindowGrid  # the slide-wide window grid the tiles share (engine.infer.window_grid)
     meta: dict[str, Any] = field(repr=False)
     postproc: PostprocConfig = field(default_factory=PostprocConfig)
-    window: int = 0  # the network input side the workers use (resolved --window)
 
     def describe(self) -> dict[str, Any]:
         """The model as reports show it."""
@@ -111,7 +113,7 @@ def prepare_model(config: RunConfig) -> ModelInfo:
     share the GIL; docs/engine.md).
     """
     from wsi_pipeline.engine.header import describe_file
-    from wsi_pipeline.engine.infer import resolve_window
+    from wsi_pipeline.engine.infer import resolve_window, window_grid
     from wsi_pipeline.engine.ir_cache import cached_graph
     from wsi_pipeline.engine.registry import resolve_model
     from wsi_pipeline.worker import default_margin
@@ -147,6 +149,7 @@ def prepare_model(config: RunConfig) -> ModelInfo:
         meta=meta,
         postproc=postproc,
         window=window,
+        grid=window_grid(model, window),
     )
 
 

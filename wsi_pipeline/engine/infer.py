@@ -84,8 +84,10 @@ __all__ = [
     "Maps",
     "TileInferer",
     "Tolerance",
+    "WindowGrid",
     "WindowPlan",
     "bf16_native_note",
+    "window_grid",
     "resolve_window",
     "bf16_supported",
     "compare_maps",
@@ -100,7 +102,8 @@ class Maps:
     ``hv``: float32 (2, H, W), channel 0 horizontal, channel 1 vertical distance maps.
     ``tp_prob``: float32 (C, H, W) class probabilities (softmax), or ``None`` for a model
     without a type branch. ``windows_run`` / ``windows_total``: how many of the network
-    windows covering the tile were computed (the rest lay on glass; see :meth:`TileInferer.infer`).
+    windows covering the tile were computed (the rest lay on glass; see :meth:`TileInferer.infer`),
+    ``windows_reused``: how many came from a neighbouring tile (:mod:`wsi_pipeline.engine.window_cache`).
     """
 
     np_prob: np.ndarray
@@ -108,6 +111,7 @@ class Maps:
     tp_prob: np.ndarray | None
     windows_run: int = 0
     windows_total: int = 0
+    windows_reused: int = 0
 
 
 @dataclass(frozen=True)
@@ -401,6 +405,64 @@ class WindowPlan:
         return out
 
 
+def _trim_for(output: int) -> int:
+    """Smallest trim >= EDGE_REACH that keeps the window step on the stride grid."""
+    trim = EDGE_REACH
+    while (output - 2 * trim) % ALIGN:
+        trim += 1
+    return trim
+
+
+@dataclass(frozen=True)
+class WindowGrid:
+    """The slide-wide grid of network windows that tiles share.
+
+    Window ``(i, j)`` contributes the output pixels ``[j * step, (j + 1) * step)`` x
+    ``[i * step, (i + 1) * step)`` of the slide (at the inference µm/px); its input is that
+    box grown by ``border = trim + context`` px on every side: ``context`` px that the
+    network consumes and ``trim`` output px that see the window's own zero padding and are
+    dropped (see the module doc). Why one grid for the whole slide: a tile's margin is
+    then made of the same windows as its neighbour's core, so each window is computed once
+    and shared (:mod:`wsi_pipeline.engine.window_cache`) instead of once per tile that
+    reads it, and every pixel's prediction is the same whatever the tiling. ``step`` and
+    ``border`` are multiples of :data:`ALIGN`, so every window sits on the same phase of
+    the encoder's stride grid.
+    """
+
+    step: int
+    trim: int
+    context: int
+
+    @property
+    def border(self) -> int:
+        return self.trim + self.context
+
+    @property
+    def input_side(self) -> int:
+        return self.step + 2 * self.border
+
+    def indices(self, lo: int, hi: int) -> range:
+        """Window indices along one axis whose contributed px meet ``[lo, hi)``."""
+        if hi <= lo:
+            return range(0)
+        return range(lo // self.step, (hi - 1) // self.step + 1)
+
+    def contributed(self, i: int, j: int) -> tuple[int, int, int, int]:
+        """(x0, y0, x1, y1) of the output px window (i, j) contributes (unclipped)."""
+        s = self.step
+        return (j * s, i * s, (j + 1) * s, (i + 1) * s)
+
+
+def window_grid(model: nn.Module | ModelFile, window: int | None) -> WindowGrid:
+    """The slide-wide window grid of ``model`` run with ``--window`` (see :class:`WindowGrid`);
+    the driver plans the sharing with it, the workers compute on it (one definition)."""
+    side = resolve_window(model, window)
+    sizes = getattr(model, "output_size_for", None)
+    output = int(sizes(side)) if sizes is not None else int(model.output_size)
+    trim = _trim_for(output)
+    return WindowGrid(step=output - 2 * trim, trim=trim, context=(side - output) // 2)
+
+
 class TileInferer:
     """Runs one HoVer-Net over tiles of any size, window batch by window batch."""
 
@@ -457,11 +519,12 @@ class TileInferer:
 
     @staticmethod
     def _trim(output: int) -> int:
-        """Smallest trim >= EDGE_REACH that keeps the window step on the stride grid."""
-        trim = EDGE_REACH
-        while (output - 2 * trim) % ALIGN:
-            trim += 1
-        return trim
+        return _trim_for(output)
+
+    @property
+    def grid(self) -> WindowGrid:
+        """The slide-wide window grid of this engine's window (:func:`window_grid`)."""
+        return window_grid(self.model, self.window)
 
     def _fit_output(self, need: int) -> int:
         """Smallest valid window output >= ``need`` (never above the configured window's)."""
@@ -520,6 +583,20 @@ class TileInferer:
                 "set num_types=None for a model without a type branch",
             )
         return out
+
+    def predict_grid(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """The maps of a batch of :attr:`grid` windows, (N, side, side, 3) uint8 with side
+        ``grid.input_side``, each cropped to the ``step`` x ``step`` px it contributes."""
+        grid = self.grid
+        if batch.ndim != 4 or batch.shape[1:3] != (grid.input_side, grid.input_side):
+            raise ModelError(
+                None,
+                f"grid windows of shape {tuple(batch.shape)}; expected (N, {grid.input_side}, {grid.input_side}, 3)",
+                "cut the windows with the engine's WindowGrid",
+            )
+        out = self.predict(batch)
+        kept = slice(grid.trim, grid.trim + grid.step)
+        return {name: value[..., kept, kept] for name, value in out.items()}
 
     def _check_image(self, image: object) -> None:
         problem = _image_problem(image, self.min_side)

@@ -341,8 +341,7 @@ def render_html(
         ("Touching a tile edge", f"{report.edge_touching}"),
         ("Engine", ", ".join(f"{k}: {v} tile(s)" for k, v in report.engine.get("tiles_by_engine", {}).items())
                    + (f" (window {report.engine['window']} px)" if report.engine.get("window") else "")
-                   + (f"; {report.engine['windows']['computed']} of {report.engine['windows']['total']} network "
-                      "windows computed (the rest on glass)" if report.engine.get("windows", {}).get("total") else "")
+                   + (_windows_line(report.engine["windows"]) if report.engine.get("windows", {}).get("total") else "")
                    + (f"; {report.engine['note']}" if report.engine.get("note") else "")),
         ("Start-up", ", ".join(f"{k} {_fmt(v)} s" for k, v in report.startup.items()) or "-"),
         ("Wall clock", f"{_fmt(report.wall_seconds)} s"),
@@ -692,6 +691,14 @@ def _plot_tile_histogram(tile_seconds: Sequence[float]) -> bytes:
     ax.set_xlabel("seconds per tile (read + infer + postprocess)")
     ax.set_ylabel("tiles")
     return _png(fig)
+
+
+def _windows_line(windows: dict[str, int]) -> str:
+    """The engine row's account of the network windows (see ``engine_description``)."""
+    line = f"; {windows['computed']} network windows computed"
+    if windows.get("reused"):
+        line += f", {windows['reused']} tile reads of a neighbour's"
+    return line + f", {windows.get('skipped', 0)} on glass"
 
 
 def _fmt(value: Any) -> str:
