@@ -4,10 +4,10 @@ For each model and each slide, the real pipeline runs (the batch code, a LocalCl
 sized like `run`'s default, outputs and reports written to a temporary folder); its
 report gives wall seconds, tissue mm², core megapixels and nuclei. In the same process
 and on the same cluster, a second pass then times only the model forward
-(:meth:`~wsi_pipeline.engine.infer.TileInferer.predict`, the engine's batch call)
-over the same windows: each tile's read region cut exactly as the engine cuts it
-(``TileInferer.window_batches``, only the windows near tissue as the run computes them),
-in batches of the run's size. Reading and cutting are
+(:meth:`~wsi_pipeline.engine.infer.TileInferer.predict_grid`, the engine's batch call)
+over the same windows: the slide-wide grid windows the run computed, each once, cut exactly
+as the engine cuts them (``worker.window_batches``, only the windows near tissue), in
+batches of the run's size. Reading and cutting are
 outside the timer. ``--tile-sizes`` repeats the run per tile size (how the default tile
 size was chosen); ``read_over_core`` says how much of the read is margin.
 
@@ -41,32 +41,35 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLES = sorted((REPO / "sample_slides").glob("*.svs")) + sorted((REPO / "sample_slides").glob("*.tif"))
 
 
-def forward_seconds(task: Any) -> dict[str, float]:
-    """Time only the model forward over the windows the engine cuts from this tile.
+def forward_seconds(item: tuple[Any, list[tuple[int, int]]]) -> dict[str, float]:
+    """Time only the model forward over the grid windows this tile is the first to need.
 
-    Runs on a worker; uses the worker's cached engine (the one the pipeline used), and
-    :meth:`~wsi_pipeline.engine.infer.TileInferer.window_batches`, the engine's own cut.
+    Runs on a worker; uses the worker's cached engine (the one the pipeline used) and the
+    engine's own cut (:func:`~wsi_pipeline.worker.window_batches`), over the windows the
+    pipeline computed: those near tissue (all with --no-skip-glass), each shared window
+    timed once, by the first tile (in tile order) whose read region meets it.
     """
     from wsi_pipeline.slide import SlideSpec
-    from wsi_pipeline.worker import get_inferer
+    from wsi_pipeline.worker import get_inferer, near_tissue, window_batches
 
+    task, owned = item
     inferer = get_inferer(task.model_path, task.infer)
-    tile = task.tile
-    with SlideSpec(task.slide.path, task.slide.backend, task.slide.mpp).open() as slide:
-        rgb = slide.read_region_at(
-            tile.read_level0.x0, tile.read_level0.y0, tile.read.width, tile.read.height, task.mpp
-        )
-    # The windows the pipeline computed: those near tissue (all of them with --no-skip-glass).
-    spans, _ = inferer.windows(rgb, task.tissue_pixels(), task.glass_reach())
-    seconds, windows, pixels = 0.0, 0, 0
+    grid = inferer.grid
+    seconds, windows = 0.0, 0
     intervals: list[tuple[float, float]] = []
-    for chunk, batch in inferer.window_batches(rgb, spans):
-        began, wall_began = time.perf_counter(), time.time()
-        inferer.predict(batch)
-        seconds += time.perf_counter() - began
-        intervals.append((wall_began, time.time()))
-        windows += len(chunk)
-    pixels = rgb.shape[0] * rgb.shape[1]
+    with SlideSpec(task.slide.path, task.slide.backend, task.slide.mpp).open() as slide:
+        size = slide.size_at(task.mpp)
+        mine = set(owned)
+        todo = [(i, j) for i, j, _ in near_tissue(task, grid, size) if (i, j) in mine]
+        if todo:
+            for chunk, batch in window_batches(slide, task, grid, todo, size, inferer.config.batch_size):
+                began, wall_began = time.perf_counter(), time.time()
+                inferer.predict_grid(batch)
+                seconds += time.perf_counter() - began
+                intervals.append((wall_began, time.time()))
+                windows += len(chunk)
+    tile = task.tile
+    pixels = tile.read.width * tile.read.height
     return {"forward": seconds, "windows": float(windows), "read_pixels": float(pixels), "intervals": intervals}
 
 
@@ -92,9 +95,10 @@ def measure(slide: Path, model: str, out: Path, config_options: dict[str, Any]) 
     from wsi_pipeline.batch.plan import inference_config
     from wsi_pipeline.config import RunConfig
     from wsi_pipeline.schedule import cluster_threads, open_client, stream_tiles
+    from wsi_pipeline.shares import tile_windows
     from wsi_pipeline.slide import DEFAULT_MASK_MPP, SlideSpec, tissue_mask
     from wsi_pipeline.tiling import tile_grid
-    from wsi_pipeline.worker import TileTask
+    from wsi_pipeline.worker import TileTask, tissue_extent
 
     config = RunConfig(model=model, progress=False, **config_options)
     info = prepare_model(config)
@@ -109,9 +113,14 @@ def measure(slide: Path, model: str, out: Path, config_options: dict[str, Any]) 
     with open_client(config) as cluster:
         threads = cluster_threads(cluster.client)
         infer = inference_config(config, cluster.torch_threads, streams=cluster.engine_streams)
+        owner: dict[tuple[int, int], int] = {}
+        for tile in tiles:
+            for i, j, _ in tile_windows(tile, info.grid):
+                owner.setdefault((i, j), tile.index)
         tasks = [
-            TileTask(spec, tile, str(info.path), info.mpp, infer, info.postproc,
-                     tissue.crop(*tile.read_level0.as_list()) if config.skip_glass else None)
+            (TileTask(spec, tile, str(info.path), info.mpp, infer, info.postproc,
+                      tissue.crop(*tissue_extent(tile, info.grid, info.mpp)) if config.skip_glass else None),
+             [ij for ij, first in owner.items() if first == tile.index])
             for tile in tiles
         ]
         # Warm-up: every worker loads the model, as it would have early in a long batch.

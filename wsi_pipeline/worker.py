@@ -29,7 +29,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,11 +57,15 @@ __all__ = [
     "default_margin",
     "finish_tile",
     "get_inferer",
+    "glass_reach",
     "grid_maps",
     "warm_engine",
     "infer_tile",
+    "near_tissue",
     "postproc_reach",
+    "window_batches",
     "process_tile",
+    "tissue_extent",
 ]
 
 # Open slides kept per thread, least recently used dropped first. A worker rarely
@@ -391,11 +395,13 @@ def _read_mirrored(slide: Slide, tile: Tile, mpp: float, box: Box, size: tuple[i
     return region[np.ix_(ys - ly, xs - lx)]
 
 
-def _near_tissue(task: TileTask, grid: WindowGrid, windows: list[tuple[int, int, Box]],
-                 size: tuple[int, int]) -> list[tuple[int, int, Box]]:
-    """The windows with tissue within the glass reach of the px they contribute: glass holds
-    no nuclei, and one whose pixels reach into such a window is still computed whole. The
-    decision depends only on the slide-wide tissue mask, so every tile decides alike."""
+def near_tissue(task: TileTask, grid: WindowGrid, size: tuple[int, int]) -> list[tuple[int, int, Box]]:
+    """The windows meeting the tile's read region (:func:`~wsi_pipeline.shares.tile_windows`)
+    that have tissue within the glass reach of the px they contribute (all of them without a
+    tissue mask). Glass holds no nuclei, and one whose pixels reach into such a window is
+    still computed whole. The decision depends only on the slide-wide tissue mask, so every
+    tile decides alike about a window they share. ``size``: the slide at the task's µm/px."""
+    windows = tile_windows(task.tile, grid)
     if task.tissue is None:
         return windows
     tile, reach = task.tile, task.glass_reach()
@@ -415,30 +421,46 @@ def _near_tissue(task: TileTask, grid: WindowGrid, windows: list[tuple[int, int,
     return kept
 
 
-def _compute_windows(
-    inferer: TileInferer, slide: Slide, task: TileTask, grid: WindowGrid, todo: list[tuple[int, int]],
-    size: tuple[int, int],
-) -> tuple[dict[tuple[int, int], WindowMaps], float]:
-    """The maps of grid windows ``todo`` (each step x step px), read in one piece, and the
-    seconds spent reading."""
+def window_batches(
+    slide: Slide, task: TileTask, grid: WindowGrid, todo: list[tuple[int, int]], size: tuple[int, int],
+    batch_size: int,
+) -> Iterator[tuple[list[tuple[int, int]], np.ndarray]]:
+    """The input batches of grid windows ``todo``: (their indices, uint8 (N, side, side, 3)).
+
+    The slide is read once, as the bounding box of the windows' inputs (mirrored beyond its
+    edges, :func:`_read_mirrored`), before the first batch. Public so benchmarks can time
+    the forward passes alone over exactly these windows.
+    """
     s, border, side = grid.step, grid.border, grid.input_side
     x0 = min(j for _, j in todo) * s - border
     y0 = min(i for i, _ in todo) * s - border
     x1 = (max(j for _, j in todo) + 1) * s + border
     y1 = (max(i for i, _ in todo) + 1) * s + border
-    start = time.perf_counter()
     rgb = _read_mirrored(slide, task.tile, task.mpp, (x0, y0, x1, y1), size)
-    read_seconds = time.perf_counter() - start
-    out: dict[tuple[int, int], WindowMaps] = {}
-    batch_size = inferer.config.batch_size
     for first in range(0, len(todo), batch_size):
         chunk = todo[first : first + batch_size]
-        batch = np.stack([rgb[i * s - border - y0 : i * s - border - y0 + side,
-                              j * s - border - x0 : j * s - border - x0 + side] for i, j in chunk])
+        yield chunk, np.stack([rgb[i * s - border - y0 : i * s - border - y0 + side,
+                                   j * s - border - x0 : j * s - border - x0 + side] for i, j in chunk])
+
+
+def _compute_windows(
+    inferer: TileInferer, slide: Slide, task: TileTask, grid: WindowGrid, todo: list[tuple[int, int]],
+    size: tuple[int, int],
+) -> tuple[dict[tuple[int, int], WindowMaps], float]:
+    """The maps of grid windows ``todo`` (each step x step px), and the seconds spent reading."""
+    out: dict[tuple[int, int], WindowMaps] = {}
+    start = time.perf_counter()
+    batches = window_batches(slide, task, grid, todo, size, inferer.config.batch_size)
+    chunk, batch = next(batches)  # the read happens here
+    read_seconds = time.perf_counter() - start
+    while True:
         pred = inferer.predict_grid(batch)
         for k, key in enumerate(chunk):
             out[key] = {name: value[k] for name, value in pred.items()}
-    return out, read_seconds
+        following = next(batches, None)
+        if following is None:
+            return out, read_seconds
+        chunk, batch = following
 
 
 def grid_maps(
@@ -459,7 +481,7 @@ def grid_maps(
     grid = inferer.grid
     size = slide.size_at(task.mpp)
     windows = tile_windows(tile, grid)
-    kept = _near_tissue(task, grid, windows, size)
+    kept = near_tissue(task, grid, size)
     shares = {(share.i, share.j): share for share in task.shares}
     np_prob = np.zeros((read.height, read.width), np.float32)
     hv = np.zeros((2, read.height, read.width), np.float32)
