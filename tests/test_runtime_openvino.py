@@ -186,7 +186,7 @@ def test_a_cached_conversion_plans_and_runs_without_torch(model_factory, he_crop
     loaded = load_model(path)
     torch_info = prepare_model(RunConfig(model=str(path), window=256))  # this process has torch: same answer
     assert (facts["params"], facts["macs"]) == (count_params(loaded), model_macs(loaded))
-    assert (facts["margin"], facts["window"]) == (torch_info.margin, torch_info.window) == (168, 256)
+    assert (facts["margin"], facts["window"]) == (torch_info.margin, torch_info.window) == (120, 256)
     assert facts["checksum"] == file_checksum(path)
 
 

@@ -19,9 +19,10 @@ from wsi_pipeline.engine.postproc import PostprocConfig
 from wsi_pipeline.engine.settings import ALIGN, InferenceConfig
 from wsi_pipeline.slide import DEFAULT_MASK_MPP
 
-# Measured (`benchmarks/throughput.py --tile-sizes 992 1648 2304`, sample pyramid, default
-# model, OpenVINO bf16): wall 16.9 / 14.0 / 14.4 s. With the 168 px margin a 1648 px core
-# reads 1984 px, exactly three 768 px windows (676 px out, 20 px overlap) per axis.
+# Measured with the shared window grid (session 14, `benchmarks/throughput.py --slides <both samples>
+# --tile-sizes 2304 1648`, default model, OpenVINO bf16): wall 16.5 / 13.9 s on the svs, 7.0 / 6.4 s
+# on the pyramid; 1312 gave 7.2 s on the pyramid. Tiles now share the windows under their borders,
+# so the size trades post-processing overlap (a 120 px margin) against idle threads at a slide's end.
 DEFAULT_TILE_PX = 1648
 # Largest Zarr chunk side: chunks divide the tile core so core writes stay chunk-aligned.
 MAX_ZARR_CHUNK = 1024

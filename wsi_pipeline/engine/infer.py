@@ -15,7 +15,7 @@ and checked by ``tests/test_infer.py::test_windows_do_not_change_interior_predic
 * the phase of the encoder's stride-8 grid: the same pixel predicted from a window
   shifted by 4 px differs by ~0.005 mean NP probability, shifted by 8 px by < 1e-5. So
   every window starts on the same phase of the *slide-wide* 8 px grid (the worker aligns
-  each tile's read to it, ``worker.model_maps``), whatever the tile and window sizes;
+  slide-wide window grid, ``WindowGrid``, that the worker cuts tiles from), whatever the tile size;
 * the window's own edge: only the outermost 8 output px of a window see its zero padding
   (beyond them, differences < 3e-4). Windows therefore overlap by ``2 * trim`` px
   (trim 10 in fast mode: the smallest >= 8 that keeps the window step a multiple of 8)
