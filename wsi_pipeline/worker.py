@@ -116,13 +116,18 @@ def tissue_extent(tile: Tile, grid: WindowGrid, mpp: float) -> tuple[float, floa
     """The level-0 box (x0, y0, x1, y1) whose tissue decides which of ``tile``'s windows run:
     the windows meeting its read region and the glass reach around them. The driver crops
     the tissue mask to it for the task (:attr:`TileTask.tissue`)."""
-    windows = tile_windows(tile, grid)
-    reach = glass_reach(mpp)
-    x0 = min(j for _, j, _ in windows) * grid.step - reach
-    y0 = min(i for i, _, _ in windows) * grid.step - reach
-    x1 = (max(j for _, j, _ in windows) + 1) * grid.step + reach
-    y1 = (max(i for i, _, _ in windows) + 1) * grid.step + reach
+    x0, y0, x1, y1 = _reach_box(tile_windows(tile, grid), grid, glass_reach(mpp))
     return (max(x0, 0) * tile.scale_x, max(y0, 0) * tile.scale_y, x1 * tile.scale_x, y1 * tile.scale_y)
+
+
+def _reach_box(windows: list[tuple[int, int, Any]], grid: WindowGrid, reach: int) -> tuple[int, int, int, int]:
+    """The slide px box (unclipped) of the windows' contributed px, grown by ``reach``."""
+    return (
+        min(j for _, j, _ in windows) * grid.step - reach,
+        min(i for i, _, _ in windows) * grid.step - reach,
+        (max(j for _, j, _ in windows) + 1) * grid.step + reach,
+        (max(i for i, _, _ in windows) + 1) * grid.step + reach,
+    )
 
 
 # (rgb of the read region, task) -> maps of the same height/width.
@@ -406,10 +411,8 @@ def near_tissue(task: TileTask, grid: WindowGrid, size: tuple[int, int]) -> list
         return windows
     tile, reach = task.tile, task.glass_reach()
     width, height = size
-    x0 = max(min(j for _, j, _ in windows) * grid.step - reach, 0)
-    y0 = max(min(i for i, _, _ in windows) * grid.step - reach, 0)
-    x1 = min((max(j for _, j, _ in windows) + 1) * grid.step + reach, width)
-    y1 = min((max(i for i, _, _ in windows) + 1) * grid.step + reach, height)
+    x0, y0, x1, y1 = _reach_box(windows, grid, reach)
+    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
     mask = task.tissue.on_grid(x0, y0, x1 - x0, y1 - y0, tile.scale_x, tile.scale_y)
     kept = []
     for i, j, part in windows:
