@@ -218,7 +218,7 @@ class Stitcher:
             stats.engines[result.engine] = stats.engines.get(result.engine, 0) + 1
         stats.windows["computed"] += int(result.windows[0])
         stats.windows["total"] += int(result.windows[1])
-        stats.windows["reused"] += int(result.windows[2]) if len(result.windows) > 2 else 0
+        stats.windows["reused"] += int(result.windows[2])  # checkpoints of old runs are padded on load
         for stage in ("setup", "read", "infer", "postprocess"):
             stats.seconds[stage] += float(result.seconds.get(stage, 0.0))
         stats.tile_seconds.append(sum(float(result.seconds.get(s, 0.0)) for s in ("read", "infer", "postprocess")))
